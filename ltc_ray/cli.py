@@ -1,0 +1,335 @@
+"""The ``ltc-ray`` command line: one verb per script in ``jobs/``.
+
+Exit codes: 0 success, 2 bad arguments or bad input (one line on stderr naming the
+file or flag and the problem), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ltc_ray.errors import InputError
+
+log = logging.getLogger("ltc_ray")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises InputError instead of exiting, so all bad input maps to 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(self.prog, message)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError("--storage-options", "is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InputError("--storage-options", "must be a JSON object")
+    return value
+
+
+def _add_input_args(p: argparse.ArgumentParser, labels_help: str) -> None:
+    src = p.add_argument_group("input (either --part or --features)")
+    src.add_argument("--part", type=int, help="MS1M benchmark part: 0 (train), 1, 3, 5, 7 or 9")
+    src.add_argument("--data-root", default="data",
+                     help="root of the learn-to-cluster layout used by --part (default: data)")
+    src.add_argument("--features", help="feature file URI: .bin, .npy or .parquet")
+    src.add_argument("--labels", help=labels_help)
+    src.add_argument("--dim", type=int, help="feature dimension of a .bin file (default 256)")
+    src.add_argument("--storage-options", metavar="JSON",
+                     help="fsspec storage options as JSON (endpoint, region, ...)")
+
+
+def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | None, str]:
+    """(features, labels, precomputed knn, name) from --part or --features."""
+    from ltc_ray.io.fs import uri_exists
+    from ltc_ray.io.layout import part_name, part_paths
+
+    so = _storage_options(args.storage_options)
+    if args.part is not None and args.features:
+        raise InputError("--part", "give either --part or --features, not both")
+    if args.part is not None:
+        name = part_name(args.part)
+        paths = part_paths(args.data_root, args.part)
+        labels = args.labels
+        if labels is None and uri_exists(paths.labels, so):
+            labels = paths.labels
+        return paths.features, labels, paths.knn, name
+    if not args.features:
+        raise InputError("--features", "an input is required: --part N or --features URI")
+    name = args.features.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return args.features, args.labels, getattr(args, "knn", None), name
+
+
+def _config(args: argparse.Namespace):
+    from ltc_ray.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "method", None):
+        overrides.append(f"method={args.method}")
+    if args.dim is not None:
+        overrides.append(f"dim={args.dim}")
+    return load_config(args.config, overrides)
+
+
+# ---------------------------------------------------------------- cluster
+def cluster_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="cluster",
+        description="Cluster embeddings on Ray: kNN -> per-node links -> global merge -> "
+        "Parquet. Joins the cluster in RAY_ADDRESS (ray job submit) or starts a local Ray.",
+    )
+    _add_input_args(p, "labels (.meta) to score the result; --part finds them itself")
+    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
+    p.add_argument("--output", help="output URI (default: runs/<input>-<method>)")
+    p.add_argument("--work-dir", help="work area for the kNN graph and staging "
+                   "(default: <output>.work)")
+    p.add_argument("--method", help="clustering method (default from config: density-peak)")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set knn.k=40 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a completed output")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    return p
+
+
+def cluster_main(argv: Sequence[str]) -> int:
+    from ltc_ray.pipeline import JobSpec, run_job
+
+    args = cluster_parser().parse_args(argv)
+    features, labels, knn, name = _resolve_inputs(args)
+    cfg = _config(args)
+    output = args.output or f"runs/{name}-{cfg.method}"
+    if args.part is not None and cfg.knn.k != 80:
+        knn = knn.replace("faiss_k_80.npz", f"faiss_k_{cfg.knn.k}.npz")
+    spec = JobSpec(
+        features=features, labels=labels, knn=knn, output=output, config=cfg,
+        work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
+        storage_options=_storage_options(args.storage_options), name=name,
+    )
+    record = run_job(spec)
+    _print_result(record, output)
+    return EXIT_OK
+
+
+def _print_result(record: dict, output: str) -> None:
+    lines = [f"{record['method']} on {record['name']}: {record['n_samples']} samples -> "
+             f"{record['n_clusters']} clusters in {record['wall_seconds']:.1f} s"]
+    metrics = record.get("metrics")
+    if metrics:
+        lines.append(metrics_table({record["method"]: metrics}))
+    lines.append(f"output: {output}/clusters/*.parquet (+ cluster_summary.parquet, run.json)")
+    print("\n".join(lines))
+
+
+def metrics_table(rows: dict[str, dict], seconds: dict[str, float] | None = None) -> str:
+    """A markdown table of metrics, one row per method."""
+    cols = ["pairwise_precision", "pairwise_recall", "pairwise_f", "bcubed_precision",
+            "bcubed_recall", "bcubed_f", "nmi"]
+    head = "| method | P_pair | R_pair | F_pair | P_bcubed | R_bcubed | F_bcubed | NMI | clusters |"
+    if seconds:
+        head += " wall s |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, m in rows.items():
+        cells = [f"{100 * m[c]:.2f}" for c in cols] + [str(m["n_clusters"])]
+        if seconds:
+            cells.append(f"{seconds[name]:.1f}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- make-synthetic
+def synthetic_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="make_synthetic",
+                description="Write the MS1M-shaped synthetic benchmark (learn-to-cluster layout).")
+    p.add_argument("--data-root", default="data", help="where to write (default: data)")
+    p.add_argument("--parts", default="0,1", help="comma list from 0,1,3,5,7,9 (default: 0,1)")
+    p.add_argument("--scale", type=float, default=0.01,
+                   help="fraction of MS1M identities/samples (1.0 = 5.21M at part9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dim", type=int, default=256)
+    return p
+
+
+def synthetic_main(argv: Sequence[str]) -> int:
+    from ltc_ray.synthetic import make_benchmark
+
+    args = synthetic_parser().parse_args(argv)
+    try:
+        parts = [int(p) for p in args.parts.split(",") if p.strip()]
+    except ValueError:
+        raise InputError(
+            "--parts", f"expected a comma list of integers, got {args.parts!r}"
+        ) from None
+    written = make_benchmark(args.data_root, parts, args.scale, args.seed, args.dim)
+    for name, info in written.items():
+        print(f"{name}: {info['n_samples']} samples, {info['n_ids']} identities -> "
+              f"{info['features']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evaluate", description="Score a finished clustering output against labels.")
+    p.add_argument("--pred", required=True, help="output URI of a finished run (has _SUCCESS)")
+    p.add_argument("--labels", required=True, help="labels (.meta), one integer per line")
+    p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument("--storage-options", metavar="JSON")
+    return p
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    from ltc_ray.io.labels import read_labels
+    from ltc_ray.io.output import read_clusters, write_json
+    from ltc_ray.metrics import evaluate
+
+    args = evaluate_parser().parse_args(argv)
+    so = _storage_options(args.storage_options)
+    table = read_clusters(args.pred, so)
+    cluster_id = table.column("cluster_id").to_numpy()
+    labels = read_labels(args.labels, expected_rows=len(cluster_id), storage_options=so)
+    metrics = evaluate(labels, cluster_id)
+    print(metrics_table({args.pred: metrics}))
+    if args.json:
+        write_json(args.json, metrics, so)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- tune
+def tune_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="tune",
+        description="Grid-search a method's threshold on a LABELLED split (train, e.g. --part 0) "
+        "and write a config file to use on test splits.",
+    )
+    _add_input_args(p, "labels (.meta); --part finds them itself")
+    p.add_argument("--method", required=True)
+    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
+    p.add_argument("--config", help="base YAML config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--metric", default="pairwise_f", choices=["pairwise_f", "bcubed_f", "nmi"])
+    p.add_argument("--grid", metavar="LOW:HIGH:STEP", help="values to try (default per method)")
+    p.add_argument("--work-dir", help="work area (default: runs/tune-<input>.work)")
+    p.add_argument("--output-config", required=True, help="YAML file to write")
+    p.add_argument("--num-cpus", type=int)
+    return p
+
+
+def tune_main(argv: Sequence[str]) -> int:
+    from ltc_ray.pipeline.tune import tune
+
+    args = tune_parser().parse_args(argv)
+    features, labels, knn, name = _resolve_inputs(args)
+    if labels is None:
+        raise InputError("--labels", "tuning needs labels (a labelled training split)")
+    cfg = _config(args)
+    grid = None
+    if args.grid:
+        try:
+            grid = tuple(float(v) for v in args.grid.split(":"))
+            if len(grid) != 3 or grid[2] <= 0 or grid[1] < grid[0]:
+                raise ValueError
+        except ValueError:
+            raise InputError(
+                "--grid", f"expected LOW:HIGH:STEP with STEP > 0, got {args.grid!r}"
+            ) from None
+    result = tune(
+        features=features, labels=labels, knn=knn, config=cfg, metric=args.metric, grid=grid,
+        work_dir=args.work_dir or f"runs/tune-{name}.work", num_cpus=args.num_cpus,
+        storage_options=_storage_options(args.storage_options), output_config=args.output_config,
+    )
+    print(result["table"])
+    print(f"best {result['param']} = {result['best_value']:.4f} "
+          f"({args.metric} {100 * result['best_score']:.2f}) -> {args.output_config}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- export-knn
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="export_knn",
+                description="Export a run's kNN graph as a learn-to-cluster faiss_k_<k>.npz.")
+    p.add_argument("--work-dir", required=True, help="a run's work area (holds knn/manifest.json)")
+    p.add_argument("--output", required=True, help="npz URI to write")
+    p.add_argument("--storage-options", metavar="JSON")
+    return p
+
+
+def export_main(argv: Sequence[str]) -> int:
+    from ltc_ray.graph.knn_graph import export_ltc_npz
+
+    args = export_parser().parse_args(argv)
+    n, k = export_ltc_npz(args.work_dir, args.output, _storage_options(args.storage_options))
+    print(f"wrote {n} x {k} kNN lists to {args.output}")
+    return EXIT_OK
+
+
+VERBS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "cluster": (cluster_main, "cluster embeddings (jobs/cluster.py)"),
+    "make-synthetic": (synthetic_main, "write the synthetic benchmark (jobs/make_synthetic.py)"),
+    "evaluate": (evaluate_main, "score an output against labels (jobs/evaluate.py)"),
+    "tune": (tune_main, "pick a method's threshold on a labelled split (jobs/tune.py)"),
+    "export-knn": (export_main, "export a kNN graph as faiss_k_<k>.npz (jobs/export_knn.py)"),
+    "demo": (lambda argv: _demo(argv), "synthetic data -> tune -> cluster -> table (jobs/demo.py)"),
+}
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from ltc_ray.demo import demo_main
+
+    return demo_main(argv)
+
+
+def run_verb(verb: str, argv: Sequence[str]) -> int:
+    """Run one verb with logging and the exit-code contract."""
+    if not log.handlers:  # our own progress lines only; libraries stay at WARNING
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    func = VERBS[verb][0]
+    try:
+        return func(argv)
+    except InputError as exc:
+        print(f"error: {exc.where}: {exc.problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the job boundary: report and exit 1
+        from ltc_ray.pipeline.runtime import unwrap_ray_error
+
+        cause = unwrap_ray_error(exc)
+        if isinstance(cause, InputError):
+            print(f"error: {cause.where}: {cause.problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        log.exception("job failed")
+        print(f"failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        lines = ["usage: ltc-ray VERB [options]   (ltc-ray VERB --help for a verb's options)", ""]
+        lines += [f"  {verb:<15} {help_}" for verb, (_, help_) in VERBS.items()]
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown verb '{argv[0]}'\n" + "\n".join(lines), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print("\n".join(lines))
+        return EXIT_OK if argv else EXIT_BAD_INPUT
+    return run_verb(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""``knn-cc``: connected components of the kNN edges with similarity >= threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ltc_ray.cluster.base import (
+    ClusterMethod,
+    LinkResult,
+    PartitionInput,
+    first_true,
+    higher_ranked,
+    neighbor_density,
+    register,
+)
+
+SCORE_NEIGHBORS = 10
+
+
+@register
+class KnnCC(ClusterMethod):
+    """Edges (i, j) of the kNN graph with sim >= ``threshold`` are merged.
+
+    ``score`` is the mean similarity to the first 10 neighbours; ``parent`` is the
+    most similar kept neighbour that outranks the node by score (a tree towards
+    each cluster's densest members), -1 when there is none.
+    """
+
+    name = "knn-cc"
+    params_key = "knn_cc"
+    tunable = ("threshold", 0.30, 0.95, 0.01)
+
+    def score(self, part: PartitionInput) -> np.ndarray:
+        return neighbor_density(part.knn_sims, SCORE_NEIGHBORS)
+
+    def link(self, part: PartitionInput, scores: np.ndarray) -> LinkResult:
+        ids = part.knn_ids[:, 1:].astype(np.int64)
+        sims = part.knn_sims[:, 1:]
+        node_ids = part.node_ids
+        kept = (sims >= self.params.threshold) & (ids >= 0) & (ids != node_ids[:, None])
+        safe = np.where(ids >= 0, ids, 0)
+        outranks = higher_ranked(node_ids, scores[node_ids], ids, scores[safe]) & kept
+        col, has = first_true(outranks)
+        parent = np.where(has, ids[np.arange(len(ids)), col], -1)
+        rows, cols = np.nonzero(kept)
+        return LinkResult(parent=parent, src=node_ids[rows], dst=ids[rows, cols])

@@ -1,0 +1,251 @@
+"""Typed job configuration: YAML files plus ``--set key=value`` overrides.
+
+A config is a tree of dataclasses validated once, at the edge: an unknown key,
+a value of the wrong type or an out-of-range value is an :class:`InputError`
+naming the key, raised before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ltc_ray.errors import InputError
+
+
+@dataclass
+class KnnConfig:
+    """How the kNN graph is built (see ``ltc_ray.knn``)."""
+
+    k: int = 80  # neighbours per row, self included at rank 0
+    index: str = "flat"  # flat (exact) | ivf (approximate, recall reported)
+    nlist: int = 0  # IVF lists; 0 = min(4096, 8 * sqrt(N)) per shard
+    nprobe: int = 32  # IVF lists probed per query
+    mode: str = "auto"  # auto | shard | replicate
+    shards: int = 0  # database shards (shard mode); 0 = from cluster resources and memory
+    shard_max_bytes: float = 4e9  # auto mode: replicate while N*D*4 fits, else shard at this size
+    cpus_per_actor: int = 8  # CPU threads per search actor when replicating on CPUs
+    block_rows: int = 16384  # query rows per streamed block (also the kNN file granularity)
+    max_in_flight: int = 0  # query blocks in flight; 0 = 2 per actor
+    recall_sample: int = 1000  # queries checked against exact search when approximate
+    gpu: str = "auto"  # auto (use GPUs when the cluster has them) | never
+    reuse: bool = True  # reuse a precomputed learn-to-cluster faiss_k_<k>.npz when present
+
+
+@dataclass
+class KnnCCParams:
+    """Keep kNN edges with similarity >= threshold; clusters = connected components."""
+
+    threshold: float = 0.7
+
+
+@dataclass
+class DensityPeakParams:
+    """Score = mean similarity to the first ``neighbors`` neighbours (self excluded; capped
+    at k - 1);
+    link each node to its nearest neighbour of strictly higher score when sim > tau."""
+
+    neighbors: int = 10
+    tau: float = 0.55
+
+
+@dataclass
+class MethodsConfig:
+    knn_cc: KnnCCParams = field(default_factory=KnnCCParams)
+    density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
+
+
+@dataclass
+class ClusterConfig:
+    """Partitioning of the per-node work and the global merge."""
+
+    partitions: int = 0  # 0 = ceil(N / partition_rows), at least one per CPU
+    partition_rows: int = 262144
+    merge: str = "auto"  # auto | local (one scipy pass over all edges) | forest
+    merge_local_max_edges: int = 20_000_000  # auto: local below this many edges, else forest
+
+
+@dataclass
+class Config:
+    method: str = "density-peak"
+    seed: int = 0
+    dim: int = 256  # feature dim of .bin inputs (npy/parquet carry their own)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    write_rows_per_file: int = 1_000_000  # upper bound on rows per clusters/part-*.parquet
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_yaml_names(dataclasses.asdict(self))
+
+
+_CHOICES = {
+    "knn.index": ("flat", "ivf"),
+    "knn.mode": ("auto", "shard", "replicate"),
+    "knn.gpu": ("auto", "never"),
+    "cluster.merge": ("auto", "local", "forest"),
+}
+
+
+def _yaml_name(name: str) -> str:
+    return name.replace("_", "-") if name in ("knn_cc", "density_peak") else name
+
+
+def _to_yaml_names(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {_yaml_name(k): _to_yaml_names(v) for k, v in tree.items()}
+    return tree
+
+
+def _field_for(cls: type, key: str, where: str) -> dataclasses.Field:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    name = key.replace("-", "_")
+    if name not in fields:
+        known = ", ".join(sorted(_yaml_name(f) for f in fields))
+        raise InputError(where, f"unknown config key '{key}' (known here: {known})")
+    return fields[name]
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared scalar type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise InputError(where, f"expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise InputError(where, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if "e" in value.lower() else int(value)
+            except ValueError:
+                pass
+        raise InputError(where, f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise InputError(where, f"expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise InputError(where, f"expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ!r}")
+
+
+def _apply(obj: Any, tree: dict, where: str, prefix: str = "") -> None:
+    if not isinstance(tree, dict):
+        raise InputError(where, f"expected a mapping at '{prefix or '<top>'}', got {tree!r}")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in tree.items():
+        f = _field_for(type(obj), str(key), f"{where} [{prefix}{key}]")
+        typ = hints[f.name]
+        path = f"{prefix}{key}"
+        if dataclasses.is_dataclass(typ):
+            _apply(getattr(obj, f.name), value, where, path + ".")
+        else:
+            setattr(obj, f.name, _coerce(value, typ, f"{where} [{path}]"))
+
+
+def set_key(cfg: Config, dotted: str, raw_value: str, where: str = "--set") -> None:
+    """Apply one ``key.sub=value`` override (value parsed as YAML scalar)."""
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError:
+        value = raw_value
+    parts = dotted.split(".")
+    tree: Any = value
+    for part in reversed(parts):
+        tree = {part: tree}
+    _apply(cfg, tree, where)
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that need no data."""
+    for dotted, choices in _CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in choices:
+            allowed = ", ".join(choices)
+            raise InputError(f"config {dotted}", f"must be one of {allowed}, got {value!r}")
+    positive = {
+        "dim": cfg.dim,
+        "knn.k": cfg.knn.k,
+        "knn.block_rows": cfg.knn.block_rows,
+        "knn.cpus_per_actor": cfg.knn.cpus_per_actor,
+        "knn.nprobe": cfg.knn.nprobe,
+        "cluster.partition_rows": cfg.cluster.partition_rows,
+        "methods.density-peak.neighbors": cfg.methods.density_peak.neighbors,
+        "write_rows_per_file": cfg.write_rows_per_file,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise InputError(f"config {key}", f"must be positive, got {value}")
+    non_negative = {
+        "knn.shards": cfg.knn.shards,
+        "knn.nlist": cfg.knn.nlist,
+        "knn.max_in_flight": cfg.knn.max_in_flight,
+        "knn.recall_sample": cfg.knn.recall_sample,
+        "cluster.partitions": cfg.cluster.partitions,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise InputError(f"config {key}", f"must be >= 0, got {value}")
+    if cfg.knn.k < 2:
+        raise InputError("config knn.k", f"must be >= 2 (self + 1 neighbour), got {cfg.knn.k}")
+    for key in ("methods.knn-cc.threshold", "methods.density-peak.tau"):
+        value = _get(cfg, key)
+        if not -1.0 <= value <= 1.0:
+            raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")
+    return cfg
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part.replace("-", "_"))
+    return obj
+
+
+def load_config(
+    path: str | None = None, overrides: typing.Sequence[str] = (), base: Config | None = None
+) -> Config:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides, then validation."""
+    cfg = base if base is not None else Config()
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tree = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise InputError(path, "config file not found") from None
+        except yaml.YAMLError as exc:
+            raise InputError(path, f"not valid YAML ({exc.__class__.__name__})") from None
+        if tree is not None:
+            _apply(cfg, tree, path)
+    for item in overrides:
+        if "=" not in item:
+            raise InputError("--set", f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_key(cfg, key.strip(), value.strip())
+    return validate(cfg)
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. a saved run.json)."""
+    cfg = Config()
+    _apply(cfg, tree, "config")
+    return validate(cfg)
+

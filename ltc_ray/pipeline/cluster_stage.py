@@ -1,0 +1,133 @@
+"""Per-partition scoring and linking on Ray, then the global merge.
+
+Each partition task reads only its own rows of the kNN graph. Link tasks see every
+node's score (N float32, shared zero-copy through the object store) and, in forest
+mode, reduce their edges to a star forest before anything leaves the worker. The
+merge runs in one worker task over O(N) forest edges; the driver holds only refs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from ltc_ray.cluster.base import ClusterMethod, PartitionInput
+from ltc_ray.cluster.components import merge_edges, representatives, spanning_forest
+from ltc_ray.config import ClusterConfig
+from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
+
+log = logging.getLogger("ltc_ray")
+
+
+def partition_ranges(n_rows: int, cfg: ClusterConfig, cpus: float) -> list[tuple[int, int]]:
+    """Contiguous row ranges, one per partition (results never depend on the count)."""
+    n_parts = cfg.partitions or max(
+        math.ceil(n_rows / cfg.partition_rows), min(int(cpus), math.ceil(n_rows / 20000))
+    )
+    n_parts = max(1, min(n_parts, n_rows))
+    bounds = np.linspace(0, n_rows, n_parts + 1).round().astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _load(manifest: KnnManifest, start: int, stop: int, so: dict | None) -> PartitionInput:
+    knn_ids, knn_sims = read_knn_rows(manifest, start, stop, so)
+    return PartitionInput(start=start, stop=stop, knn_ids=knn_ids, knn_sims=knn_sims)
+
+
+@ray.remote(num_returns=2, max_retries=3)
+def _score_partition(method: ClusterMethod, manifest: KnnManifest, start: int, stop: int,
+                     so: dict | None):
+    scores = method.score(_load(manifest, start, stop, so))
+    return scores, peak_rss_bytes()
+
+
+@ray.remote(num_returns=3, max_retries=3)
+def _link_partition(method: ClusterMethod, manifest: KnnManifest, start: int, stop: int,
+                    so: dict | None, forest: bool, *score_parts):
+    scores = np.concatenate(score_parts)
+    result = method.link(_load(manifest, start, stop, so), scores)
+    edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
+    stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
+             "peak_rss": peak_rss_bytes()}
+    return result.parent, edges, stats
+
+
+@ray.remote(num_returns=3, max_retries=3)
+def _merge(n_rows: int, n_parts: int, *refs):
+    edge_lists, score_parts = refs[:n_parts], refs[n_parts:]
+    cluster_id, sizes, _ = merge_edges(n_rows, list(edge_lists))
+    reps = representatives(cluster_id, np.concatenate(score_parts), len(sizes))
+    return cluster_id, (sizes, reps), peak_rss_bytes()
+
+
+@dataclass
+class ClusterRefs:
+    """Object refs to the stage's results, one entry per partition where it applies."""
+
+    ranges: list[tuple[int, int]]
+    scores: list
+    parents: list
+    cluster_id: object  # ref to (N,) int64
+    summary: object  # ref to (sizes (C,), representative (C,))
+    n_clusters: int
+
+
+def run_cluster_stage(
+    method: ClusterMethod,
+    manifest: KnnManifest,
+    cfg: ClusterConfig,
+    cpus: float,
+    storage_options: dict | None,
+    stage_log,
+    scores: list | None = None,
+) -> ClusterRefs:
+    """Score, link and merge; returns refs (the driver never materialises N-sized data).
+
+    ``scores`` (refs from an earlier call with the same partitioning) skips scoring:
+    tuning a link threshold re-links without re-scoring.
+    """
+    n = manifest.n_rows
+    ranges = partition_ranges(n, cfg, cpus)
+    so = storage_options
+    method_ref = ray.put(method)
+    if scores is None or len(scores) != len(ranges):
+        with stage_log.stage("score", rows=n) as rec:
+            pairs = [_score_partition.remote(method_ref, manifest, lo, hi, so)
+                     for lo, hi in ranges]
+            scores = [p[0] for p in pairs]
+            rss = wait_all([p[1] for p in pairs], f"score ({method.name})", "partition")
+            rec.worker_peak_rss_bytes = max(rss)
+            rec.extra["partitions"] = len(ranges)
+
+    merge_mode = cfg.merge
+    if merge_mode == "auto":
+        merge_mode = "local" if n * (manifest.k - 1) <= cfg.merge_local_max_edges else "forest"
+    with stage_log.stage("link", rows=n) as rec:
+        triples = [
+            _link_partition.remote(method_ref, manifest, lo, hi, so, merge_mode == "forest",
+                                   *scores)
+            for lo, hi in ranges
+        ]
+        parents = [t[0] for t in triples]
+        edges = [t[1] for t in triples]
+        stats = wait_all([t[2] for t in triples], f"link ({method.name})", "partition")
+        rec.worker_peak_rss_bytes = max(s["peak_rss"] for s in stats)
+        rec.extra.update(
+            edges=sum(s["edges"] for s in stats),
+            forest_edges=sum(s["forest_edges"] for s in stats),
+            merge_mode=merge_mode,
+        )
+
+    with stage_log.stage("merge", rows=n) as rec:
+        cluster_id, summary, rss = _merge.remote(n, len(edges), *edges, *scores)
+        rec.worker_peak_rss_bytes = ray_get(rss)
+        sizes, _ = ray_get(summary)
+        rec.extra["n_clusters"] = len(sizes)
+        log.info("merge: %d clusters, largest %d", len(sizes), int(sizes[0]) if len(sizes) else 0)
+    return ClusterRefs(ranges=ranges, scores=scores, parents=parents, cluster_id=cluster_id,
+                       summary=summary, n_clusters=len(sizes))

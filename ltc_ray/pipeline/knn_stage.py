@@ -1,0 +1,318 @@
+"""Sharded kNN on Ray: shard (or replica) actors hold the database, query blocks stream
+through them with bounded work in flight, partial top-k lists merge exactly, and each
+block's result is written to the run's work area by a worker (never via the driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import ray
+
+from ltc_ray.config import KnnConfig
+from ltc_ray.errors import InputError
+from ltc_ray.graph.knn_graph import KnnManifest, load_manifest, read_knn_rows, save_manifest
+from ltc_ray.io.features import FeatureInfo, read_features
+from ltc_ray.io.knn_files import (
+    id_dtype_for,
+    inspect_ltc_knn,
+    iter_ltc_knn,
+    save_knn_block,
+    validate_knn,
+)
+from ltc_ray.knn.search import (
+    TIE_MARGIN,
+    build_index,
+    merge_topk,
+    put_self_first,
+    recall_at_k,
+    rescore,
+    search_block,
+)
+from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
+
+log = logging.getLogger("ltc_ray")
+
+
+@dataclass
+class KnnLayout:
+    """How the database is spread over actors."""
+
+    mode: str  # "replicate" | "shard"
+    n_actors: int
+    threads_per_actor: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    shard_ranges: list[tuple[int, int]]  # one per actor (replicate: the whole base)
+
+
+def plan_knn_layout(n_rows: int, dim: int, cfg: KnnConfig, resources: dict) -> KnnLayout:
+    """Choose replicate vs shard and the actor count from the cluster's resources.
+
+    GPUs are requested only when the cluster reports some, so a GPU actor is never
+    left pending on a CPU-only cluster.
+    """
+    cpus = max(float(resources.get("CPU", 1.0)), 1.0)
+    gpus = int(resources.get("GPU", 0)) if cfg.gpu == "auto" else 0
+    base_bytes = n_rows * dim * 4
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "shard" if cfg.shards > 1 or base_bytes > cfg.shard_max_bytes else "replicate"
+    if mode == "shard":
+        n_actors = cfg.shards or max(math.ceil(base_bytes / cfg.shard_max_bytes), gpus, 1)
+        n_actors = min(n_actors, n_rows)
+        bounds = np.linspace(0, n_rows, n_actors + 1).round().astype(int)
+        ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    else:
+        n_actors = gpus or max(1, int(cpus // cfg.cpus_per_actor))
+        ranges = [(0, n_rows)] * n_actors
+    # Actors share the CPUs evenly; the light read/merge tasks request none.
+    cpus_per_actor = cpus / n_actors
+    return KnnLayout(
+        mode=mode,
+        n_actors=n_actors,
+        threads_per_actor=max(1, int(cpus_per_actor)),
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=min(1.0, gpus / n_actors) if gpus else 0.0,
+        shard_ranges=ranges,
+    )
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class KnnShardActor:
+    """Holds rows ``[start, stop)`` of the database and answers top-k queries."""
+
+    def __init__(self, info: FeatureInfo, start: int, stop: int, cfg: KnnConfig,
+                 threads: int, seed: int, want_gpu: bool):
+        faiss.omp_set_num_threads(threads)
+        self.info = info
+        self.start = start
+        self.cfg = cfg
+        self.xb = read_features(info, start, stop)
+        use_gpu = want_gpu and faiss.get_num_gpus() > 0
+        if want_gpu and not use_gpu:
+            log.warning("GPU requested but this faiss build has no GPU support; using CPU")
+        self.backend = "faiss-gpu" if use_gpu else "faiss-cpu"
+        self.index = build_index(self.xb, cfg.index, cfg.nlist, cfg.nprobe, seed, use_gpu)
+        self.exact_index = None
+
+    def backend_name(self) -> str:
+        return self.backend
+
+    def peak_rss(self) -> int:
+        return peak_rss_bytes()
+
+    def search(self, queries: np.ndarray, k: int, exact: bool = False):
+        """Top-k of ``queries`` in this shard: global ids and float64-rescored sims."""
+        index = self.index
+        if exact and self.cfg.index != "flat":
+            if self.exact_index is None:
+                self.exact_index = build_index(self.xb, "flat")
+            index = self.exact_index
+        local_ids, _ = search_block(index, queries, k + TIE_MARGIN)
+        sims = rescore(queries, self.xb, local_ids)
+        ids = np.where(local_ids >= 0, local_ids + self.start, -1)
+        return merge_topk([(ids, sims)], k)
+
+    def search_and_save(self, block: int, start: int, stop: int, k: int, uri: str) -> dict:
+        """Replicate mode: read the query block, search, write its kNN block file."""
+        queries = read_features(self.info, start, stop)
+        ids, sims = self.search(queries, k)
+        return _finish_block(queries, start, ids, sims, k, self.info.n_rows, uri,
+                             self.info.storage_options)
+
+
+def _finish_block(queries, start, ids, sims, k, n_rows, uri, storage_options) -> dict:
+    rows = np.arange(start, start + len(queries), dtype=np.int64)
+    self_sims = np.einsum("nd,nd->n", queries.astype(np.float64), queries.astype(np.float64))
+    ids, sims = put_self_first(rows, ids, sims, self_sims)
+    save_knn_block(uri, ids.astype(id_dtype_for(n_rows)), sims, start, storage_options)
+    return {"rows": len(rows), "peak_rss": peak_rss_bytes()}
+
+
+@ray.remote(num_cpus=0)
+def _read_queries(info: FeatureInfo, start: int, stop: int) -> np.ndarray:
+    return read_features(info, start, stop)
+
+
+@ray.remote(num_cpus=0, max_retries=3)
+def _merge_and_save(queries, start, k, n_rows, uri, storage_options, *partials) -> dict:
+    ids, sims = merge_topk(partials, k)
+    return _finish_block(queries, start, ids, sims, k, n_rows, uri, storage_options)
+
+
+def _fingerprint(info: FeatureInfo, cfg: KnnConfig, seed: int) -> dict:
+    return {
+        "features": info.uri,
+        "n_rows": info.n_rows,
+        "dim": info.dim,
+        "k": cfg.k,
+        "index": cfg.index,
+        "nlist": cfg.nlist,
+        "nprobe": cfg.nprobe,
+        "seed": seed if cfg.index != "flat" else None,
+    }
+
+
+def build_knn_graph(
+    info: FeatureInfo, cfg: KnnConfig, work_dir: str, resources: dict, seed: int = 0
+) -> tuple[KnnManifest, dict]:
+    """Compute the exact (or IVF) kNN graph of ``info`` into ``work_dir``.
+
+    Returns the manifest and run statistics (layout, backend, peak RSS, recall).
+    A complete graph with the same fingerprint already in ``work_dir`` is reused.
+    """
+    so = info.storage_options
+    fingerprint = _fingerprint(info, cfg, seed)
+    existing = load_manifest(work_dir, so)
+    if existing is not None and existing.details.get("fingerprint") == fingerprint:
+        log.info("kNN: reusing the complete graph in %s", work_dir)
+        return existing, {"reused": True, "recall": existing.recall}
+
+    layout = plan_knn_layout(info.n_rows, info.dim, cfg, resources)
+    log.info(
+        "kNN: %s mode, %d actor(s) x %d thread(s)%s, index=%s, k=%d, block_rows=%d",
+        layout.mode, layout.n_actors, layout.threads_per_actor,
+        f", {layout.gpus_per_actor:g} GPU each" if layout.gpus_per_actor else "",
+        cfg.index, cfg.k, cfg.block_rows,
+    )
+    actors = [
+        KnnShardActor.options(
+            num_cpus=layout.cpus_per_actor, num_gpus=layout.gpus_per_actor
+        ).remote(info, lo, hi, cfg, layout.threads_per_actor, seed, layout.gpus_per_actor > 0)
+        for lo, hi in layout.shard_ranges
+    ]
+    backends = ray_get([a.backend_name.remote() for a in actors])
+    manifest = KnnManifest(
+        directory=work_dir, n_rows=info.n_rows, k=cfg.k, block_rows=cfg.block_rows,
+        source="computed", index=cfg.index,
+    )
+    limit = cfg.max_in_flight or 2 * layout.n_actors
+    blocks = range(manifest.n_blocks)
+
+    def submit(b: int):
+        start, stop = manifest.block_range(b)
+        uri = manifest.block_uri(b)
+        if layout.mode == "replicate":
+            return actors[b % layout.n_actors].search_and_save.remote(b, start, stop, cfg.k, uri)
+        queries = _read_queries.remote(info, start, stop)
+        partials = [a.search.remote(queries, cfg.k) for a in actors]
+        return _merge_and_save.remote(queries, start, cfg.k, info.n_rows, uri, so, *partials)
+
+    t0 = time.perf_counter()
+    results = _run_bounded(submit, blocks, limit, "kNN blocks")
+    search_s = time.perf_counter() - t0
+    recall = None
+    if cfg.index != "flat" and cfg.recall_sample > 0:
+        searchers = actors[:1] if layout.mode == "replicate" else actors
+        recall = _measure_recall(info, manifest, searchers, cfg, seed)
+        log.info("kNN: measured recall@%d = %.4f on %d queries", cfg.k, recall,
+                 min(cfg.recall_sample, info.n_rows))
+    actor_rss = ray_get([a.peak_rss.remote() for a in actors])
+    for a in actors:
+        ray.kill(a)
+    manifest.recall = recall
+    manifest.details = {"fingerprint": fingerprint, "mode": layout.mode,
+                        "n_actors": layout.n_actors}
+    save_manifest(manifest, so)
+    stats = {
+        "mode": layout.mode,
+        "n_actors": layout.n_actors,
+        "threads_per_actor": layout.threads_per_actor,
+        "gpus_per_actor": layout.gpus_per_actor,
+        "backend": sorted(set(backends)),
+        "search_seconds": round(search_s, 3),
+        "actor_peak_rss_bytes": max(actor_rss),
+        "worker_peak_rss_bytes": max([r["peak_rss"] for r in results] + actor_rss),
+        "recall": recall,
+    }
+    return manifest, stats
+
+
+def _run_bounded(submit, items, limit: int, desc: str) -> list:
+    """Submit ``submit(item)`` for each item with at most ``limit`` in flight."""
+    from tqdm import tqdm
+
+    pending, results = [], []
+    items = list(items)
+    with tqdm(total=len(items), desc=desc, unit="block", leave=False, disable=None) as bar:
+        for item in items:
+            if len(pending) >= limit:
+                done, pending = ray.wait(pending, num_returns=1)
+                results.extend(ray_get(done))
+                bar.update(len(done))
+            pending.append(submit(item))
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray_get(done))
+            bar.update(len(done))
+    return results
+
+
+def _measure_recall(info, manifest, actors, cfg: KnnConfig, seed: int) -> float:
+    """Recall@k of the approximate graph against exact search on a window of queries."""
+    n = min(cfg.recall_sample, info.n_rows)
+    start = int(np.random.default_rng(seed).integers(0, info.n_rows - n + 1))
+    queries = read_features(info, start, start + n)
+    q_ref = ray.put(queries)
+    partials = ray_get([a.search.remote(q_ref, cfg.k, True) for a in actors])
+    exact_ids, _ = merge_topk(partials, cfg.k)
+    approx_ids, _ = read_knn_rows(manifest, start, start + n, info.storage_options)
+    rows = np.arange(start, start + n)
+    exact_ids, _ = put_self_first(rows, exact_ids, np.zeros(exact_ids.shape, np.float32),
+                                  np.ones(n))
+    return recall_at_k(approx_ids.astype(np.int64), exact_ids)
+
+
+@ray.remote(num_cpus=1)
+def _import_ltc(uri: str, n_rows: int, k: int, work_dir: str, block_rows: int,
+                storage_options: dict | None) -> dict:
+    manifest = KnnManifest(directory=work_dir, n_rows=n_rows, k=k, block_rows=block_rows,
+                           source="imported")
+    rows = 0
+    for start, ids, sims in iter_ltc_knn(uri, block_rows, storage_options):
+        ids, sims = ids[:, :k], sims[:, :k]
+        validate_knn(ids, sims, n_rows, uri)
+        ids, sims = merge_topk([(ids.astype(np.int64), sims)], k)
+        node = np.arange(start, start + len(ids), dtype=np.int64)
+        ids, sims = put_self_first(node, ids, sims, np.ones(len(ids)))
+        block = start // block_rows
+        save_knn_block(manifest.block_uri(block), ids.astype(id_dtype_for(n_rows)), sims,
+                       start, storage_options)
+        rows += len(ids)
+    return {"rows": rows, "peak_rss": peak_rss_bytes()}
+
+
+def import_ltc_knn(
+    uri: str, info: FeatureInfo, cfg: KnnConfig, work_dir: str
+) -> tuple[KnnManifest, dict]:
+    """Convert a learn-to-cluster ``faiss_k_<k>.npz`` into the run's block files
+    (streamed in a worker; the driver reads only the npz header)."""
+    so = info.storage_options
+    n, k_file = inspect_ltc_knn(uri, so)
+    if n != info.n_rows:
+        raise InputError(uri, f"kNN file has {n} rows but the features have {info.n_rows}")
+    if k_file < cfg.k:
+        raise InputError(
+            uri, f"kNN file has k={k_file} neighbours, config asks for knn.k={cfg.k} "
+            f"(set knn.k={k_file} or knn.reuse=false)",
+        )
+    fingerprint = {"imported": uri, "n_rows": n, "k": cfg.k}
+    existing = load_manifest(work_dir, so)
+    if existing is not None and existing.details.get("fingerprint") == fingerprint:
+        log.info("kNN: reusing the imported graph in %s", work_dir)
+        return existing, {"reused": True, "imported_from": uri}
+    log.info("kNN: importing precomputed %s (k=%d, using %d)", uri, k_file, cfg.k)
+    result = ray_get(_import_ltc.remote(uri, n, cfg.k, work_dir, cfg.block_rows, so))
+    manifest = KnnManifest(directory=work_dir, n_rows=n, k=cfg.k, block_rows=cfg.block_rows,
+                           source="imported", details={"fingerprint": fingerprint})
+    save_manifest(manifest, so)
+    return manifest, {"imported_from": uri, "worker_peak_rss_bytes": result["peak_rss"]}
+
+
+__all__ = ["build_knn_graph", "import_ltc_knn", "plan_knn_layout"]

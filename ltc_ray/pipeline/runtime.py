@@ -1,0 +1,111 @@
+"""Starting or joining Ray, reading cluster resources, and stage bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+log = logging.getLogger("ltc_ray")
+
+# Loopback-only local clusters, and one auth mode for `ray start` and the job CLI
+# (Ray >= 2.59 enables token auth on local clusters by default).
+LOCAL_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def init_ray(num_cpus: int | None = None) -> dict[str, float]:
+    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else
+    start a local Ray; returns the cluster's resources."""
+    if not ray.is_initialized():
+        for key, value in LOCAL_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        if os.environ.get("RAY_ADDRESS"):
+            log.info("joining the Ray cluster at RAY_ADDRESS")
+            ray.init(log_to_driver=True)
+        else:
+            log.info("starting a local Ray (no RAY_ADDRESS set)")
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return dict(ray.cluster_resources())
+
+
+def peak_rss_bytes() -> int:
+    """Lifetime peak resident set size of this process (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The user's own exception inside a Ray task error (so an InputError raised in a
+    worker reaches the CLI as a plain InputError with its one-line message)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
+        return unwrap_ray_error(cause)
+    return exc
+
+
+def ray_get(refs: Any) -> Any:
+    """``ray.get`` that re-raises the user's own exception type."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap_ray_error(exc) from None
+
+
+def wait_all(refs: list, desc: str, unit: str = "task", total_rows: int | None = None) -> list:
+    """Wait for ``refs`` with a progress bar; results in the order of ``refs``."""
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit=unit, leave=False, disable=None) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray_get(done)  # surface failures as soon as they happen
+            bar.update(len(done))
+    return ray_get(list(refs))
+
+
+@dataclass
+class StageRecord:
+    name: str
+    seconds: float = 0.0
+    rows: int = 0
+    worker_peak_rss_bytes: int = 0
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "seconds": round(self.seconds, 3),
+            "rows": self.rows,
+            "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds > 0 else None,
+            "worker_peak_rss_bytes": self.worker_peak_rss_bytes,
+        }
+        if self.skipped:
+            out["skipped"] = True
+        out.update(self.extra)
+        return out
+
+
+class StageLog:
+    """Logs start/end/wall time of each stage and keeps the numbers for run.json."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, StageRecord] = {}
+
+    @contextmanager
+    def stage(self, name: str, rows: int = 0) -> Iterator[StageRecord]:
+        record = StageRecord(name=name, rows=rows)
+        log.info("stage %s: start", name)
+        t0 = time.perf_counter()
+        yield record
+        record.seconds = time.perf_counter() - t0
+        self.stages[name] = record
+        log.info("stage %s: done in %.2f s", name, record.seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: rec.to_dict() for name, rec in self.stages.items()}

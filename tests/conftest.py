@@ -1,0 +1,37 @@
+"""Shared fixtures: a real local Ray (2 CPUs, loopback only) and small data made here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Loopback-only local Ray, token auth off for tests (the job CLI must agree).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The MS1M-shaped benchmark at a small scale: part0_train and part1_test (~10K each)."""
+    from ltc_ray.synthetic import make_benchmark
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_benchmark(str(root), parts=(0, 1), scale=0.017, seed=0, progress=False)
+    return root
