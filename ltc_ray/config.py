@@ -40,7 +40,7 @@ class KnnConfig:
 class KnnCCParams:
     """Keep kNN edges with similarity >= threshold; clusters = connected components."""
 
-    threshold: float = 0.7
+    threshold: float = 0.70  # tuned on synthetic part0_train (jobs/tune.py), see README
 
 
 @dataclass
@@ -50,7 +50,7 @@ class DensityPeakParams:
     link each node to its nearest neighbour of strictly higher score when sim > tau."""
 
     neighbors: int = 10
-    tau: float = 0.55
+    tau: float = 0.64  # tuned on synthetic part0_train (jobs/tune.py), see README
 
 
 @dataclass
@@ -77,7 +77,6 @@ class Config:
     knn: KnnConfig = field(default_factory=KnnConfig)
     methods: MethodsConfig = field(default_factory=MethodsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    write_rows_per_file: int = 1_000_000  # upper bound on rows per clusters/part-*.parquet
 
     def to_dict(self) -> dict[str, Any]:
         return _to_yaml_names(dataclasses.asdict(self))
@@ -189,7 +188,6 @@ def validate(cfg: Config) -> Config:
         "knn.nprobe": cfg.knn.nprobe,
         "cluster.partition_rows": cfg.cluster.partition_rows,
         "methods.density-peak.neighbors": cfg.methods.density_peak.neighbors,
-        "write_rows_per_file": cfg.write_rows_per_file,
     }
     for key, value in positive.items():
         if value <= 0:

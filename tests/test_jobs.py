@@ -445,6 +445,20 @@ def test_ray_job_submit_on_a_started_cluster(tmp_path):
             "127.0.0.1",
             "--dashboard-port",
             str(dash),
+            # every listening port explicit: the test session's own Ray holds the defaults
+            *[
+                arg
+                for flag in (
+                    "--ray-client-server-port",
+                    "--dashboard-agent-listen-port",
+                    "--dashboard-agent-grpc-port",
+                    "--metrics-export-port",
+                    "--runtime-env-agent-port",
+                    "--node-manager-port",
+                    "--object-manager-port",
+                )
+                for arg in (flag, str(_free_port()))
+            ],
             "--disable-usage-stats",
             "--temp-dir",
             temp_dir,

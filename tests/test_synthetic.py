@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import faiss
 import fsspec
@@ -13,6 +14,7 @@ from scipy.sparse.csgraph import connected_components
 
 from ltc_ray.errors import InputError
 from ltc_ray.synthetic import (
+    SyntheticParams,
     base_part_sizes,
     benchmark_sizes,
     generator,
@@ -112,8 +114,8 @@ def test_tiny_generation_writes_the_layout_with_right_sizes(tiny):
 
 def test_test_parts_are_concatenations_of_base_parts(tiny):
     _, written = tiny
-    raw = {name: open(info["features"], "rb").read() for name, info in written.items()}
-    meta = {name: open(info["labels"]).read() for name, info in written.items()}
+    raw = {name: Path(info["features"]).read_bytes() for name, info in written.items()}
+    meta = {name: Path(info["labels"]).read_text() for name, info in written.items()}
     assert raw["part3_test"].startswith(raw["part1_test"])
     assert raw["part5_test"].startswith(raw["part3_test"])
     assert meta["part5_test"].startswith(meta["part3_test"])
@@ -154,7 +156,7 @@ def test_same_bytes_whatever_the_chunk_size(tmp_path, monkeypatch):
         )
         outs.append(
             {
-                k: (open(v["features"], "rb").read(), open(v["labels"]).read())
+                k: (Path(v["features"]).read_bytes(), Path(v["labels"]).read_text())
                 for k, v in written.items()
             }
         )
@@ -170,7 +172,7 @@ def test_same_bytes_whatever_the_chunk_size(tmp_path, monkeypatch):
         window = labels[start : start + 500]
         assert np.array_equal(np.sort(window), sorted_order[start : start + 500])
     other = make_benchmark(str(tmp_path / "s8"), (1,), scale=TINY, seed=8, progress=False)
-    assert open(other["part1_test"]["features"], "rb").read() != outs[0]["part1_test"][0]
+    assert Path(other["part1_test"]["features"]).read_bytes() != outs[0]["part1_test"][0]
 
 
 def test_fsspec_uri_writes_the_same_bytes(tiny):
@@ -178,7 +180,7 @@ def test_fsspec_uri_writes_the_same_bytes(tiny):
     url = "memory://ltc-synthetic-test"
     written = make_benchmark(url, (1,), scale=TINY, seed=3, progress=False)
     with fsspec.open(written["part1_test"]["features"], "rb") as f:
-        assert f.read() == open(local["part1_test"]["features"], "rb").read()
+        assert f.read() == Path(local["part1_test"]["features"]).read_bytes()
     fsspec.filesystem("memory").rm("/ltc-synthetic-test", recursive=True)
 
 
@@ -188,6 +190,13 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys):
     assert "rows" in err and out == ""
     make_benchmark(str(tmp_path / "b"), (1,), scale=TINY, progress=False)
     assert capsys.readouterr() == ("", "")
+
+
+def test_failed_generation_leaves_no_files(tmp_path):
+    broken = SyntheticParams(mode_probs=(0.5, 0.5, 0.5))  # fails inside generation
+    with pytest.raises(ValueError):
+        make_benchmark(str(tmp_path), (0, 3), scale=TINY, progress=False, params=broken)
+    assert os.listdir(tmp_path / "features") == [] and os.listdir(tmp_path / "labels") == []
 
 
 @pytest.mark.parametrize("parts", [(2,), (0, 4), (), (10,), ("x",), None])

@@ -10,8 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "ltc-ray needs faiss: pip install 'ltc-ray[cpu]' (faiss-cpu) or 'ltc-ray[gpu]' (faiss-gpu)"
+    ) from exc
 
 RESCORE_CHUNK = 512
 # Extra candidates fetched per shard and re-ranked exactly, so near-ties around the k-th

@@ -41,7 +41,6 @@ MS1M_TRAIN_SAMPLES = 576_494
 MS1M_TEST_SAMPLES = {1: 584_013, 3: 1_740_301, 5: 2_890_517, 7: 4_046_365, 9: 5_206_761}
 TEST_PARTS = (1, 3, 5, 7, 9)
 VALID_PARTS = (0, *TEST_PARTS)
-N_BASE_PARTS = 10
 
 SHUFFLE_ROWS = 65_536
 """Rows of a base part shuffled together; fixed so output never depends on chunk_rows."""
