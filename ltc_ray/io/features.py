@@ -12,6 +12,7 @@ import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -130,15 +131,22 @@ def _npy_header(uri: str, storage_options: dict | None) -> tuple[tuple, bool, np
     if total > size:
         raise InputError(uri, "truncated .npy header")
     buf = io.BytesIO(read_bytes_range(uri, 0, total, storage_options))
+    shape, fortran, dtype = parse_npy_header(buf, uri, "invalid .npy header")
+    return shape, fortran, dtype, total
+
+
+def parse_npy_header(stream: IO[bytes], uri: str, problem: str) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a stream positioned at an .npy magic string;
+    never unpickles anything. A malformed header is an InputError ``problem (detail)``."""
     try:
-        version = np.lib.format.read_magic(buf)
+        version = np.lib.format.read_magic(stream)
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
         else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
     except ValueError as exc:
-        raise InputError(uri, f"invalid .npy header ({exc})") from None
-    return tuple(shape), bool(fortran), np.dtype(dtype), total
+        raise InputError(uri, f"{problem} ({exc})") from None
+    return tuple(shape), bool(fortran), np.dtype(dtype)
 
 
 def _inspect_npy(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:

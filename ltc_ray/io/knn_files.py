@@ -19,6 +19,7 @@ from typing import IO
 import numpy as np
 
 from ltc_ray.errors import InputError
+from ltc_ray.io.features import parse_npy_header
 from ltc_ray.io.fs import is_local_fs, require_file, url_to_fs, write_bytes_atomic
 
 __all__ = [
@@ -57,15 +58,9 @@ def _ltc_member(
                 keys = ", ".join(n.removesuffix(".npy") for n in names) or "none"
                 raise InputError(uri, f"no array 'data' in the npz (keys: {keys})")
             with zf.open(_LTC_MEMBER) as member:
-                try:
-                    version = np.lib.format.read_magic(member)
-                    if version == (1, 0):
-                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-                    else:
-                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-                except ValueError as exc:
-                    raise InputError(uri, f"array 'data' has an invalid header ({exc})") from None
-                dtype = np.dtype(dtype)
+                shape, fortran, dtype = parse_npy_header(
+                    member, uri, "array 'data' has an invalid header"
+                )
                 if dtype.hasobject:
                     raise InputError(
                         uri,
