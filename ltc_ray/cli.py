@@ -77,6 +77,8 @@ def _config(args: argparse.Namespace):
     overrides = list(args.set or [])
     if getattr(args, "method", None):
         overrides.append(f"method={args.method}")
+    if getattr(args, "model", None):
+        overrides.append(f"methods.gcn-v.model={args.model}")
     if args.dim is not None:
         overrides.append(f"dim={args.dim}")
     return load_config(args.config, overrides)
@@ -95,6 +97,7 @@ def cluster_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="work area for the kNN graph and staging "
                    "(default: <output>.work)")
     p.add_argument("--method", help="clustering method (default from config: density-peak)")
+    p.add_argument("--model", help="model directory for learned methods (jobs/train.py output)")
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set knn.k=40 (repeatable)")
@@ -254,6 +257,57 @@ def tune_main(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- train
+def train_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="train",
+        description="Train a learned method on a LABELLED split (e.g. --part 0) and write a model "
+        "directory (weights + model.json with the thresholds tuned on that split).",
+    )
+    _add_input_args(p, "labels (.meta); --part finds them itself")
+    p.add_argument("--method", required=True, help="gcn-v")
+    p.add_argument("--output", required=True, help="model directory URI to write")
+    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
+    p.add_argument("--config", help="YAML config (kNN settings)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--batch-rows", type=int,
+                   help="mini-batch rows (0 = full graph when it fits, else mini-batches)")
+    p.add_argument("--hidden", type=int, help="hidden width (default 512)")
+    p.add_argument("--work-dir", help="work area for the kNN graph (default: <output>.work)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    p.add_argument("--num-cpus", type=int)
+    return p
+
+
+def train_main(argv: Sequence[str]) -> int:
+    from ltc_ray.models.train import TrainConfig
+    from ltc_ray.pipeline.train import train
+
+    args = train_parser().parse_args(argv)
+    features, labels, knn, _ = _resolve_inputs(args)
+    if labels is None:
+        raise InputError("--labels", "training needs labels (a labelled split)")
+    cfg = _config(argparse.Namespace(**{**vars(args), "method": None}))
+    train_cfg = TrainConfig(seed=cfg.seed)
+    for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_rows"),
+                       ("hidden", "hidden")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 0 or (value == 0 and flag != "batch_rows"):
+                raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
+            setattr(train_cfg, attr, value)
+    meta = train(args.method, features, labels, args.output, cfg, train_cfg, knn=knn,
+                 work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
+                 storage_options=_storage_options(args.storage_options))
+    m = meta["train_metrics"]
+    print(f"{args.method} trained on {features}: tau={meta['thresholds']['tau']:.2f}, "
+          f"train pairwise F {100 * m['pairwise_f']:.2f}, BCubed F {100 * m['bcubed_f']:.2f} "
+          f"-> {args.output}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- export-knn
 def export_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="export_knn",
@@ -278,6 +332,7 @@ VERBS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "make-synthetic": (synthetic_main, "write the synthetic benchmark (jobs/make_synthetic.py)"),
     "evaluate": (evaluate_main, "score an output against labels (jobs/evaluate.py)"),
     "tune": (tune_main, "pick a method's threshold on a labelled split (jobs/tune.py)"),
+    "train": (train_main, "train a learned method on a labelled split (jobs/train.py)"),
     "export-knn": (export_main, "export a kNN graph as faiss_k_<k>.npz (jobs/export_knn.py)"),
     "demo": (lambda argv: _demo(argv), "synthetic data -> tune -> cluster -> table (jobs/demo.py)"),
 }

@@ -54,9 +54,19 @@ class DensityPeakParams:
 
 
 @dataclass
+class GCNVParams:
+    """GCN-V: a trained model's confidence, then density-peak-style linking."""
+
+    model: str = ""  # model directory written by jobs/train.py (required; --model URI)
+    tau: float | None = None  # link when cosine > tau; None = the tau tuned with the model
+    batch_rows: int = 65536  # inference rows per forward pass inside a partition
+
+
+@dataclass
 class MethodsConfig:
     knn_cc: KnnCCParams = field(default_factory=KnnCCParams)
     density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
+    gcn_v: GCNVParams = field(default_factory=GCNVParams)
 
 
 @dataclass
@@ -91,7 +101,7 @@ _CHOICES = {
 
 
 def _yaml_name(name: str) -> str:
-    return name.replace("_", "-") if name in ("knn_cc", "density_peak") else name
+    return name.replace("_", "-") if name in ("knn_cc", "density_peak", "gcn_v") else name
 
 
 def _to_yaml_names(tree: Any) -> Any:
@@ -110,7 +120,13 @@ def _field_for(cls: type, key: str, where: str) -> dataclasses.Field:
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared scalar type."""
+    """Convert a YAML/CLI value to the field's declared scalar type (``X | None``: null,
+    "none" or "model" mean None — e.g. "use the threshold the model was tuned with")."""
+    args = typing.get_args(typ)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "model")):
+            return None
+        (typ,) = [a for a in args if a is not type(None)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -188,6 +204,7 @@ def validate(cfg: Config) -> Config:
         "knn.nprobe": cfg.knn.nprobe,
         "cluster.partition_rows": cfg.cluster.partition_rows,
         "methods.density-peak.neighbors": cfg.methods.density_peak.neighbors,
+        "methods.gcn-v.batch_rows": cfg.methods.gcn_v.batch_rows,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -204,9 +221,9 @@ def validate(cfg: Config) -> Config:
             raise InputError(f"config {key}", f"must be >= 0, got {value}")
     if cfg.knn.k < 2:
         raise InputError("config knn.k", f"must be >= 2 (self + 1 neighbour), got {cfg.knn.k}")
-    for key in ("methods.knn-cc.threshold", "methods.density-peak.tau"):
+    for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau"):
         value = _get(cfg, key)
-        if not -1.0 <= value <= 1.0:
+        if value is not None and not -1.0 <= value <= 1.0:
             raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")
     return cfg
 

@@ -1,6 +1,6 @@
 """Clustering methods (one protocol, a registry) and the global merge."""
 
-from ltc_ray.cluster import density_peak, knn_cc  # noqa: F401  (register the methods)
+from ltc_ray.cluster import density_peak, gcn_v, knn_cc  # noqa: F401  (register the methods)
 from ltc_ray.cluster.base import (
     REGISTRY,
     ClusterMethod,

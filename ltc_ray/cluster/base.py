@@ -49,14 +49,24 @@ class ClusterMethod(abc.ABC):
     params_key: ClassVar[str]  # attribute of ``Config.methods`` holding the params dataclass
     # The threshold ``jobs/tune.py`` searches on a labelled split: (param, low, high, step).
     tunable: ClassVar[tuple[str, float, float, float] | None] = None
+    # Halo methods (graph models) score with ``score_halo`` on partition actors that fetch
+    # their neighbours' features and reverse edges; the others use ``score`` on their rows.
+    needs_halo: ClassVar[bool] = False
 
     def __init__(self, params: Any, k: int):
         self.params = params
         self.k = k
 
-    @abc.abstractmethod
+    def check_inputs(self, dim: int, where: str) -> None:  # noqa: B027 - optional hook
+        """Refuse inputs the method cannot use (e.g. a model trained for another dim)."""
+
     def score(self, part: PartitionInput) -> np.ndarray:
         """Per-node score ``(n,) float32`` from the partition's own rows."""
+        raise NotImplementedError(f"{self.name} scores with score_halo")
+
+    def score_halo(self, part: Any) -> np.ndarray:
+        """Per-node score from a ``pipeline.halo.HaloPartition`` (features + adjacency rows)."""
+        raise NotImplementedError(f"{self.name} scores from its own rows")
 
     @abc.abstractmethod
     def link(self, part: PartitionInput, scores: np.ndarray) -> LinkResult:

@@ -19,6 +19,8 @@ from ltc_ray.cluster.base import ClusterMethod, PartitionInput
 from ltc_ray.cluster.components import merge_edges, representatives, spanning_forest
 from ltc_ray.config import ClusterConfig
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.io.features import FeatureInfo
+from ltc_ray.pipeline.halo import score_with_halo
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
 
 log = logging.getLogger("ltc_ray")
@@ -85,6 +87,7 @@ def run_cluster_stage(
     storage_options: dict | None,
     stage_log,
     scores: list | None = None,
+    info: FeatureInfo | None = None,
 ) -> ClusterRefs:
     """Score, link and merge; returns refs (the driver never materialises N-sized data).
 
@@ -97,10 +100,21 @@ def run_cluster_stage(
     method_ref = ray.put(method)
     if scores is None or len(scores) != len(ranges):
         with stage_log.stage("score", rows=n) as rec:
-            pairs = [_score_partition.remote(method_ref, manifest, lo, hi, so)
-                     for lo, hi in ranges]
-            scores = [p[0] for p in pairs]
-            rss = wait_all([p[1] for p in pairs], f"score ({method.name})", "partition")
+            if method.needs_halo:
+                if info is None:
+                    raise ValueError(f"method {method.name} needs the features (info)")
+                scores, stat_refs, actors = score_with_halo(method, info, manifest, ranges, cpus)
+                stats = wait_all(stat_refs, f"score ({method.name})", "partition")
+                for actor in actors:
+                    ray.kill(actor)
+                rss = [s["peak_rss"] for s in stats]
+                rec.extra["halo_rows"] = sum(s["halo"] for s in stats)
+                rec.extra["actor_peak_rss_bytes"] = rss
+            else:
+                pairs = [_score_partition.remote(method_ref, manifest, lo, hi, so)
+                         for lo, hi in ranges]
+                scores = [p[0] for p in pairs]
+                rss = wait_all([p[1] for p in pairs], f"score ({method.name})", "partition")
             rec.worker_peak_rss_bytes = max(rss)
             rec.extra["partitions"] = len(ranges)
 

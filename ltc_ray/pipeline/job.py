@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from ltc_ray import __version__
-from ltc_ray.cluster import get_method
+from ltc_ray.cluster import ClusterMethod, get_method
 from ltc_ray.config import Config
 from ltc_ray.errors import InputError
 from ltc_ray.io.features import (
@@ -72,11 +72,12 @@ class JobSpec:
         return self.work_dir or self.output.rstrip("/") + ".work"
 
 
-def preflight(spec: JobSpec) -> FeatureInfo:
-    """Cheap checks before Ray starts: config, method, output location, file headers."""
-    get_method(spec.config.method, spec.config)
+def preflight(spec: JobSpec, method: ClusterMethod) -> FeatureInfo:
+    """Cheap checks before Ray starts: output location, file headers, method vs inputs."""
     check_output_location(spec.output, spec.overwrite, spec.storage_options)
-    return preflight_inputs(spec)
+    info = preflight_inputs(spec)
+    method.check_inputs(info.dim, spec.features)
+    return info
 
 
 def preflight_inputs(spec: JobSpec) -> FeatureInfo:
@@ -190,8 +191,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = spec.config
     so = spec.storage_options
-    info = preflight(spec)
     method = get_method(cfg.method, cfg)
+    info = preflight(spec, method)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     work = spec.resolved_work_dir
     staging = join_uri(work, "staging", run_id)
@@ -204,7 +205,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     validate_inputs(spec, info, resources, stages)
     manifest = knn_stage(spec, info, resources, stages)
 
-    refs: ClusterRefs = run_cluster_stage(method, manifest, cfg.cluster, cpus, so, stages)
+    refs: ClusterRefs = run_cluster_stage(method, manifest, cfg.cluster, cpus, so, stages,
+                                          info=info)
 
     with stages.stage("write", rows=info.n_rows) as rec:
         writes = [

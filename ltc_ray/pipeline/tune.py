@@ -77,7 +77,7 @@ def tune(
         set_key(config, key, repr(float(value)))
         method = get_method(config.method, config)
         refs = run_cluster_stage(method, manifest, config.cluster, cpus, storage_options,
-                                 StageLog(), scores=scores)
+                                 StageLog(), scores=scores, info=info)
         scores = refs.scores
         results[value] = ray_get(evaluate_task.remote(labels_ref, refs.cluster_id))
         log.info("tune %s=%.4f: %s %.4f (%d clusters)", key, value, metric,

@@ -1,0 +1,178 @@
+"""A trained model as a directory on any fsspec URI: ``weights.pt`` + ``model.json``.
+
+``weights.pt`` is ``torch.save`` of the state dict (tensors only) and is read back with
+``torch.load(weights_only=True)``, so a weights file can never run code. ``model.json`` records
+what the model needs to be applied correctly (method, in_dim, hidden, k, thresholds) and where
+it came from (training data fingerprint, train config, metrics, versions). It is written after
+the weights, so a directory with ``model.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+from typing import Any
+
+import numpy as np
+import torch
+
+import ltc_ray
+from ltc_ray.errors import InputError
+from ltc_ray.io.fs import join_uri, open_uri, uri_exists, write_bytes_atomic
+from ltc_ray.models.gcn_v import GCNV
+
+__all__ = ["MODEL_JSON", "WEIGHTS", "data_fingerprint", "load_model", "save_model"]
+
+WEIGHTS = "weights.pt"
+MODEL_JSON = "model.json"
+METHOD = "gcn-v"
+FORMAT_VERSION = 1
+
+
+def data_fingerprint(
+    features_uri: str, n_rows: int, dim: int, labels: np.ndarray | None = None
+) -> dict:
+    """What the model was trained on: the feature URI, its shape and a sha256 of the labels
+    (as little-endian int64), enough to tell two training sets apart."""
+    out: dict[str, Any] = {"features": str(features_uri), "n_rows": int(n_rows), "dim": int(dim)}
+    if labels is not None:
+        data = np.ascontiguousarray(labels, dtype="<i8").tobytes()
+        out["labels_sha256"] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _versions() -> dict:
+    import scipy
+
+    return {
+        "ltc_ray": ltc_ray.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_model(uri: str, model: GCNV, meta: dict, storage_options: dict | None = None) -> None:
+    """Write ``model`` and ``meta`` to the directory ``uri`` (created when local).
+
+    ``meta`` must hold ``k`` (the kNN size the model was trained with) and may hold
+    ``thresholds`` (e.g. ``{"tau": 0.65}``), ``data`` (:func:`data_fingerprint`), ``train``
+    (the train config as a dict), ``metrics``; ``method``, ``in_dim``, ``hidden`` and
+    ``versions`` are filled in from the model. Everything must be JSON-serialisable.
+    """
+    k = meta.get("k")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"meta must record the kNN size k as a positive int, got {k!r}")
+    for key, value in (("method", METHOD), ("in_dim", model.in_dim), ("hidden", model.hidden)):
+        if key in meta and meta[key] != value:
+            raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the model has {value!r}")
+    record = {
+        **meta,
+        "k": int(k),
+        "method": METHOD,
+        "format": FORMAT_VERSION,
+        "in_dim": model.in_dim,
+        "hidden": model.hidden,
+        "versions": _versions(),
+    }
+    text = json.dumps(record, indent=2, sort_keys=True).encode()
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(join_uri(uri, WEIGHTS), buf.getvalue(), storage_options)
+    write_bytes_atomic(join_uri(uri, MODEL_JSON), text, storage_options)
+
+
+def _read(uri: str, what: str, storage_options: dict | None) -> bytes:
+    if not uri_exists(uri, storage_options):
+        raise InputError(uri, f"{what} not found")
+    try:
+        with open_uri(uri, "rb", storage_options) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InputError(uri, f"cannot read {what}: {exc}") from exc
+
+
+def _read_meta(uri: str, storage_options: dict | None) -> dict:
+    raw = _read(uri, MODEL_JSON, storage_options)
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(uri, f"invalid {MODEL_JSON}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise InputError(uri, f"invalid {MODEL_JSON}: expected an object")
+    for key in ("in_dim", "hidden", "k"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(uri, f"invalid {MODEL_JSON}: {key} must be a positive int")
+    if not isinstance(meta.get("method"), str):
+        raise InputError(uri, f"invalid {MODEL_JSON}: method must be a string")
+    return meta
+
+
+def load_model(
+    uri: str,
+    expected_dim: int | None = None,
+    expected_k: int | None = None,
+    method: str | None = None,
+    storage_options: dict | None = None,
+) -> tuple[GCNV, dict]:
+    """The model in directory ``uri`` (eval mode, CPU) and its ``model.json``.
+
+    Checks, each an :class:`InputError` naming the URI: the directory and both files exist,
+    ``model.json`` is valid, the method matches ``method`` (and is gcn-v), the model's feature
+    dim and k match ``expected_dim``/``expected_k``, and the weights load with
+    ``weights_only=True`` and fit the architecture exactly.
+    """
+    if not uri_exists(uri, storage_options):
+        raise InputError(uri, "model directory not found")
+    json_uri, weights_uri = join_uri(uri, MODEL_JSON), join_uri(uri, WEIGHTS)
+    meta = _read_meta(json_uri, storage_options)
+    if method is not None and meta["method"] != method:
+        raise InputError(uri, f"model is a {meta['method']!r} model, not {method!r}")
+    if meta["method"] != METHOD:
+        raise InputError(uri, f"model is a {meta['method']!r} model, expected {METHOD!r}")
+    if expected_dim is not None and meta["in_dim"] != expected_dim:
+        raise InputError(
+            uri, f"model was trained for dim {meta['in_dim']}, the features have {expected_dim}"
+        )
+    if expected_k is not None and meta["k"] != expected_k:
+        raise InputError(
+            uri, f"model was trained with k={meta['k']}, the kNN graph has k={expected_k}"
+        )
+
+    raw = _read(weights_uri, WEIGHTS, storage_options)
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad or unsafe files
+        raise InputError(weights_uri, f"cannot read weights: {exc}") from exc
+    model = GCNV(meta["in_dim"], meta["hidden"])
+    expected = model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(weights_uri, "weights are not a state dict of tensors")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{name} {tuple(state[name].shape)} != {tuple(t.shape)}"
+        for name, t in expected.items()
+        if name in state and state[name].shape != t.shape
+    ]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected}")
+        if wrong:
+            problems.append("wrong shapes: " + ", ".join(wrong))
+        raise InputError(
+            weights_uri,
+            f"weights do not fit gcn-v (in_dim {meta['in_dim']}, hidden {meta['hidden']}): "
+            + "; ".join(problems),
+        )
+    model.load_state_dict({name: t.to(torch.float32) for name, t in state.items()})
+    model.eval()
+    return model, meta

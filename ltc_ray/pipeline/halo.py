@@ -1,0 +1,126 @@
+"""Partition actors for methods that look past their own rows (graph models).
+
+Each actor owns a contiguous range of nodes: their features and kNN rows. To score
+its nodes it fetches exactly what a one-hop model needs from the other actors: the
+reverse kNN edges pointing into its range (for max(S, S^T)) and the features of its
+halo (neighbours owned elsewhere). Results do not depend on the partitioning because
+every owned row of the normalised adjacency is rebuilt from the full set of edges
+touching it. Peak memory per actor is O(partition + halo).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
+from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.io.features import FeatureInfo, read_features
+from ltc_ray.pipeline.runtime import peak_rss_bytes
+
+log = logging.getLogger("ltc_ray")
+
+
+@dataclass
+class HaloPartition:
+    """What a halo method sees for owned rows ``[start, stop)``.
+
+    ``adj`` ``(n, m)`` float32 CSR holds the owned rows of the row-normalised
+    adjacency over columns ``cols`` ``(m,)`` (sorted global ids, owned and halo);
+    ``x_cols`` ``(m, d)`` their features; ``x`` ``(n, d)`` the owned features.
+    """
+
+    start: int
+    stop: int
+    knn_ids: np.ndarray
+    knn_sims: np.ndarray
+    x: np.ndarray
+    adj: object
+    cols: np.ndarray
+    x_cols: np.ndarray
+
+
+@ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=4)
+class PartitionActor:
+    """Owns nodes ``[start, stop)``; threaded so it can serve its neighbours' halo
+    requests while it computes."""
+
+    def __init__(self, start: int, stop: int, info: FeatureInfo, manifest: KnnManifest,
+                 threads: int = 1):
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        except ImportError:  # pragma: no cover - torch is a dependency of the model methods
+            pass
+        so = info.storage_options
+        self.start, self.stop = start, stop
+        self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
+        self.x = read_features(info, start, stop)
+        self.src, self.dst, self.sim = directed_edges(self.knn_ids, self.knn_sims, start)
+        self.stats: dict = {}
+
+    def edges_into(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This partition's kNN edges whose target lies in ``[lo, hi)`` (reverse edges)."""
+        keep = (self.dst >= lo) & (self.dst < hi)
+        return self.src[keep], self.dst[keep], self.sim[keep]
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Features of owned nodes ``ids`` (global ids, any order)."""
+        return self.x[np.asarray(ids, dtype=np.int64) - self.start]
+
+    def score(self, method, actors: list, bounds: np.ndarray, index: int):
+        """Scores of the owned nodes; returns ``(scores (n,) float32, stats)``."""
+        others = [a for i, a in enumerate(actors) if i != index]
+        incoming = ray.get([a.edges_into.remote(self.start, self.stop) for a in others])
+        src = np.concatenate([self.src] + [e[0] for e in incoming])
+        dst = np.concatenate([self.dst] + [e[1] for e in incoming])
+        sim = np.concatenate([self.sim] + [e[2] for e in incoming])
+        targets = np.arange(self.start, self.stop, dtype=np.int64)
+        adj, cols = adjacency_rows(targets, src, dst, sim)
+        x_cols = self._gather(cols, actors, bounds, index)
+        part = HaloPartition(self.start, self.stop, self.knn_ids, self.knn_sims, self.x, adj,
+                             cols, x_cols)
+        scores = method.score_halo(part)
+        stats = {
+            "rows": int(len(targets)),
+            "halo": int(len(cols) - len(targets)),
+            "in_edges": int(sum(len(e[0]) for e in incoming)),
+            "peak_rss": peak_rss_bytes(),
+        }
+        return scores, stats
+
+    def _gather(self, cols: np.ndarray, actors: list, bounds: np.ndarray, index: int) -> np.ndarray:
+        """Features of ``cols`` in order: own rows locally, halo rows from their owners."""
+        owner = np.searchsorted(bounds, cols, side="right") - 1
+        out = np.empty((len(cols), self.x.shape[1]), dtype=np.float32)
+        mine = owner == index
+        out[mine] = self.x[cols[mine] - self.start]
+        wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner[~mine])]
+        fetched = ray.get([actors[p].rows.remote(cols[pos]) for p, pos in wanted])
+        for (_, pos), rows in zip(wanted, fetched, strict=True):
+            out[pos] = rows
+        return out
+
+
+def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
+                    ranges: list[tuple[int, int]], cpus: float) -> tuple[list, list, list]:
+    """Start one actor per partition and score every partition.
+
+    Returns (score refs, stat refs, actors); kill the actors once the stats are in
+    (the score refs stay valid in the object store).
+    """
+    n_parts = len(ranges)
+    share = max(cpus / n_parts, 0.01)
+    actors = [
+        PartitionActor.options(num_cpus=share).remote(lo, hi, info, manifest, max(1, int(share)))
+        for lo, hi in ranges
+    ]
+    bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
+    method_ref = ray.put(method)
+    pairs = [a.score.options(num_returns=2).remote(method_ref, actors, bounds, i)
+             for i, a in enumerate(actors)]
+    return [p[0] for p in pairs], [p[1] for p in pairs], actors

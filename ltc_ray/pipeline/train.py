@@ -1,0 +1,140 @@
+"""The training job: kNN on a labelled split, then a model trained in one Ray worker.
+
+The worker (not the driver) holds the split's features and graph. After training it
+picks the linking threshold on the same training split, so the model directory
+carries every threshold it needs and test labels are never looked at.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import numpy as np
+import ray
+
+from ltc_ray.cluster.base import PartitionInput
+from ltc_ray.cluster.components import merge_edges
+from ltc_ray.cluster.density_peak import link_to_nearest_higher
+from ltc_ray.config import Config
+from ltc_ray.errors import InputError
+from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.io.features import FeatureInfo, read_features
+from ltc_ray.io.fs import join_uri, uri_exists
+from ltc_ray.io.labels import read_labels
+from ltc_ray.metrics import evaluate, pairwise_prf
+from ltc_ray.pipeline.job import JobSpec, knn_stage, preflight_inputs, validate_inputs
+from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get
+
+log = logging.getLogger("ltc_ray")
+TRAINABLE = ("gcn-v",)
+TAU_GRID = (0.30, 0.95, 0.01)
+
+
+def tune_tau(knn_ids: np.ndarray, knn_sims: np.ndarray, confidence: np.ndarray,
+             labels: np.ndarray, grid: tuple[float, float, float] = TAU_GRID) -> tuple[float, dict]:
+    """Best linking threshold on the training split (pairwise F), coarse then fine."""
+    n = len(labels)
+    part = PartitionInput(0, n, knn_ids, knn_sims)
+    low, high, step = grid
+    scores: dict[float, float] = {}
+
+    def trial(tau: float) -> float:
+        tau = round(tau, 6)
+        if tau not in scores:
+            link = link_to_nearest_higher(part, confidence, tau)
+            cid, _, _ = merge_edges(n, [(link.src, link.dst)])
+            scores[tau] = pairwise_prf(labels, cid)[2]
+        return scores[tau]
+
+    coarse = np.arange(low, high + 1e-9, step * 5)
+    best = max(coarse, key=trial)
+    for tau in np.arange(best - 4 * step, best + 4 * step + 1e-9, step):
+        if low - 1e-9 <= tau <= high + 1e-9:
+            trial(tau)
+    best = max(sorted(scores), key=lambda t: scores[t])
+    return float(best), scores
+
+
+@ray.remote
+def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, output: str,
+                 train_cfg, seed: int, threads: int) -> dict:
+    import torch
+
+    from ltc_ray.graph.adjacency import whole_graph_adjacency
+    from ltc_ray.models.gcn_v import aggregate, predict
+    from ltc_ray.models.store import data_fingerprint, save_model
+    from ltc_ray.models.targets import confidence_target
+    from ltc_ray.models.train import train_gcn_v
+
+    torch.set_num_threads(max(1, threads))
+    so = info.storage_options
+    n = info.n_rows
+    t0 = time.perf_counter()
+    x = read_features(info, 0, n)
+    knn_ids, knn_sims = read_knn_rows(manifest, 0, n, so)
+    labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
+    adj = whole_graph_adjacency(knn_ids, knn_sims)
+    target = confidence_target(knn_ids, knn_sims, labels)
+    agg = aggregate(adj, x)  # ÂX once: training and the tau search both use it
+    del adj
+    model, history = train_gcn_v(x, None, target, train_cfg, agg=agg)
+    confidence, _ = predict(model, x, agg)
+    tau, tau_scores = tune_tau(knn_ids, knn_sims, confidence, labels)
+    link = link_to_nearest_higher(PartitionInput(0, n, knn_ids, knn_sims), confidence, tau)
+    cid, _, _ = merge_edges(n, [(link.src, link.dst)])
+    train_metrics = evaluate(labels, cid)
+    meta = {
+        "method": "gcn-v",
+        "in_dim": int(info.dim),
+        "hidden": int(train_cfg.hidden),
+        "k": int(manifest.k),
+        "thresholds": {"tau": tau},
+        "tau_search": {f"{t:.2f}": round(f, 5) for t, f in sorted(tau_scores.items())},
+        "train_metrics": train_metrics,
+        "train_config": asdict(train_cfg),
+        "seed": seed,
+        "fingerprint": data_fingerprint(info.uri, n, info.dim, labels),
+        "history": history,
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    save_model(output, model, meta, so)
+    return meta
+
+
+def train(
+    method: str,
+    features: str,
+    labels: str,
+    output: str,
+    config: Config,
+    train_cfg,
+    knn: str | None = None,
+    work_dir: str | None = None,
+    overwrite: bool = False,
+    num_cpus: int | None = None,
+    storage_options: dict | None = None,
+) -> dict:
+    """Train ``method`` on a labelled split and write the model directory to ``output``."""
+    if method not in TRAINABLE:
+        raise InputError("--method", f"cannot train '{method}'; trainable: {', '.join(TRAINABLE)}")
+    if uri_exists(join_uri(output, "model.json"), storage_options) and not overwrite:
+        raise InputError(output, "already holds a model; pass --overwrite")
+    spec = JobSpec(features=features, labels=labels, knn=knn, output=output, config=config,
+                   work_dir=work_dir or output.rstrip("/") + ".work", num_cpus=num_cpus,
+                   storage_options=storage_options)
+    info = preflight_inputs(spec)
+    resources = init_ray(num_cpus)
+    stages = StageLog()
+    validate_inputs(spec, info, resources, stages)
+    manifest = knn_stage(spec, info, resources, stages)
+    cpus = max(1, int(resources.get("CPU", 1)))
+    with stages.stage("train", rows=info.n_rows):
+        meta = ray_get(_train_gcn_v.options(num_cpus=cpus).remote(
+            info, manifest, labels, output, train_cfg, config.seed, cpus))
+    meta["stages"] = stages.to_dict()
+    log.info("trained %s: tau=%.2f, train pairwise F %.4f -> %s", method,
+             meta["thresholds"]["tau"], meta["train_metrics"]["pairwise_f"], output)
+    return meta

@@ -1,0 +1,213 @@
+"""GCN-V in the pipeline: training job, partitioned inference with halos on Ray actors
+(equal to whole-graph inference), linking, and the train -> cluster jobs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _data import write_bin
+from conftest import REPO
+
+from ltc_ray.cli import main
+from ltc_ray.cluster import get_method
+from ltc_ray.config import ClusterConfig, Config, KnnConfig
+from ltc_ray.errors import InputError
+from ltc_ray.graph import read_knn_rows
+from ltc_ray.io.features import inspect_features, read_features
+from ltc_ray.pipeline.cluster_stage import run_cluster_stage
+from ltc_ray.pipeline.knn_stage import build_knn_graph
+from ltc_ray.pipeline.runtime import StageLog, ray_get
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    """Synthetic train/test parts (~2.9K samples each) and a GCN-V model trained by the
+    train verb on part0_train."""
+    from ltc_ray.synthetic import make_benchmark
+
+    root = tmp_path_factory.mktemp("gcnv")
+    make_benchmark(str(root), parts=(0, 1), scale=0.005, seed=3, progress=False)
+    model = root / "model"
+    code = main(
+        [
+            "train",
+            "--method",
+            "gcn-v",
+            "--part",
+            "0",
+            "--data-root",
+            str(root),
+            "--output",
+            str(model),
+            "--set",
+            "knn.k=20",
+            "--epochs",
+            "30",
+            "--hidden",
+            "64",
+        ]
+    )
+    assert code == 0
+    return root, model
+
+
+def test_model_directory_carries_its_thresholds(trained):
+    root, model = trained
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["method"] == "gcn-v" and meta["in_dim"] == 256 and meta["k"] == 20
+    assert 0.3 <= meta["thresholds"]["tau"] <= 0.95
+    losses = [h["loss"] for h in meta["history"]]
+    assert losses[-1] < losses[0]
+    assert meta["fingerprint"]["n_rows"] == len(
+        (root / "labels" / "part0_train.meta").read_text().split()
+    )
+
+
+@pytest.mark.parametrize("parts", [2, 7])
+def test_partitioned_inference_equals_whole_graph(trained, parts, tmp_path):
+    from ltc_ray.graph.adjacency import whole_graph_adjacency
+    from ltc_ray.models.gcn_v import aggregate, predict
+
+    root, model = trained
+    info = inspect_features(str(root / "features" / "part1_test.bin"))
+    manifest, _ = build_knn_graph(
+        info, KnnConfig(k=20, block_rows=250), str(tmp_path / "knn"), {"CPU": 2.0}
+    )
+    cfg = Config(method="gcn-v", knn=KnnConfig(k=20))
+    cfg.methods.gcn_v.model = str(model)
+    method = get_method("gcn-v", cfg)
+    # whole graph in one process
+    x = read_features(info, 0, info.n_rows)
+    knn_ids, knn_sims = read_knn_rows(manifest, 0, info.n_rows)
+    adj = whole_graph_adjacency(knn_ids, knn_sims)
+    whole, _ = predict(method.model(), x, aggregate(adj, x))
+    results = []
+    for n_parts in (1, parts):
+        refs = run_cluster_stage(
+            method, manifest, ClusterConfig(partitions=n_parts), 2.0, None, StageLog(), info=info
+        )
+        score = np.concatenate(ray_get(refs.scores))
+        results.append((score, ray_get(refs.cluster_id), np.concatenate(ray_get(refs.parents))))
+    np.testing.assert_allclose(results[0][0], whole, atol=1e-5)
+    np.testing.assert_allclose(results[1][0], whole, atol=1e-5)
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+def test_cluster_job_with_a_model_and_refusals(trained, tmp_path, capsys):
+    root, model = trained
+    out = tmp_path / "out"
+    common = ["--method", "gcn-v", "--set", "knn.k=20", "--set", "cluster.partitions=3"]
+    code = main(
+        [
+            "cluster",
+            "--part",
+            "1",
+            "--data-root",
+            str(root),
+            *common,
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert metrics["pairwise_f"] > 0.3 and run["method"] == "gcn-v"
+    assert run["stages"]["score"]["halo_rows"] > 0
+    assert run["config"]["methods"]["gcn-v"]["model"] == str(model)
+    # a model trained for another dim or k, or no model at all, is refused before any work
+    write_bin(tmp_path / "d16.bin", np.random.default_rng(0).standard_normal((100, 16)))
+    code = main(
+        [
+            "cluster",
+            "--features",
+            str(tmp_path / "d16.bin"),
+            "--dim",
+            "16",
+            *common,
+            "--model",
+            str(model),
+            "--output",
+            str(tmp_path / "o2"),
+        ]
+    )
+    assert code == 2 and "trained for dim 256" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    cfg = Config(method="gcn-v", knn=KnnConfig(k=30))
+    cfg.methods.gcn_v.model = str(model)
+    with pytest.raises(InputError, match="k"):
+        get_method("gcn-v", cfg)
+    code = main(
+        [
+            "cluster",
+            "--part",
+            "1",
+            "--data-root",
+            str(root),
+            *common,
+            "--output",
+            str(tmp_path / "o3"),
+        ]
+    )
+    assert code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_train_then_cluster_as_subprocesses(tmp_path):
+    """The documented two-step workflow through jobs/*.py on a ~5K-sample synthetic set."""
+    import subprocess
+    import sys
+
+    from ltc_ray.synthetic import make_benchmark
+
+    make_benchmark(str(tmp_path / "data"), parts=(0, 1), scale=0.008, seed=1, progress=False)
+    common = ["--data-root", str(tmp_path / "data"), "--num-cpus", "2"]
+    train = subprocess.run(
+        [
+            sys.executable,
+            "jobs/train.py",
+            "--method",
+            "gcn-v",
+            "--part",
+            "0",
+            *common,
+            "--epochs",
+            "20",
+            "--output",
+            str(tmp_path / "model"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "tau=" in train.stdout
+    run = subprocess.run(
+        [
+            sys.executable,
+            "jobs/cluster.py",
+            "--part",
+            "1",
+            *common,
+            "--method",
+            "gcn-v",
+            "--model",
+            str(tmp_path / "model"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_samples"] > 4000 and metrics["pairwise_f"] > 0.3
