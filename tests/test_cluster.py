@@ -87,18 +87,52 @@ def test_unknown_method_is_an_input_error():
         get_method("nope", Config())
 
 
-def _run_in_process(name: str, knn_ids, knn_sims, parts: int, **params):
-    cfg = Config(knn=KnnConfig(k=knn_ids.shape[1]))
+def _save_tiny_model(path, in_dim: int, k: int) -> str:
+    """An untrained GCN-V (any confidence must still satisfy the common checks)."""
+    import torch
+
+    from ltc_ray.models.gcn_v import GCNV as Net
+    from ltc_ray.models.store import save_model
+
+    torch.manual_seed(0)
+    save_model(str(path), Net(in_dim, 32), {"k": k, "thresholds": {"tau": 0.6}})
+    return str(path)
+
+
+def _config(name: str, k: int, dim: int, tmp_dir, **params) -> Config:
+    """A config for method ``name``; learned methods get a small model."""
+    cfg = Config(method=name, knn=KnnConfig(k=k))
+    if name == "gcn-v":
+        cfg.methods.gcn_v.model = _save_tiny_model(tmp_dir / f"gcnv-{dim}-{k}", dim, k)
     for key, value in params.items():
         setattr(getattr(cfg.methods, REGISTRY[name].params_key), key, value)
-    method = get_method(name, cfg)
+    return cfg
+
+
+def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **params):
+    """Score, link and merge partition by partition in this process (no Ray)."""
+    from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
+    from ltc_ray.pipeline.halo import HaloPartition
+
+    method = get_method(name, _config(name, knn_ids.shape[1], x.shape[1], tmp_dir, **params))
     n = len(knn_ids)
     bounds = np.linspace(0, n, parts + 1).astype(int)
     inputs = [
         PartitionInput(a, b, knn_ids[a:b], knn_sims[a:b])
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    scores = np.concatenate([method.score(p) for p in inputs])
+    if method.needs_halo:
+        edges = directed_edges(knn_ids, knn_sims)
+        scores = []
+        for p in inputs:
+            adj, cols = adjacency_rows(p.node_ids, *edges)
+            halo = HaloPartition(
+                p.start, p.stop, p.knn_ids, p.knn_sims, x[p.start : p.stop], adj, cols, x[cols]
+            )
+            scores.append(method.score_halo(halo))
+        scores = np.concatenate(scores)
+    else:
+        scores = np.concatenate([method.score(p) for p in inputs])
     links = [method.link(p, scores) for p in inputs]
     parent = np.concatenate([lk.parent for lk in links])
     cid, _, _ = merge_edges(n, [spanning_forest(lk.src, lk.dst) for lk in links])
@@ -110,14 +144,14 @@ def blob_graph():
     x, labels = blobs(n_per=50, n_clusters=12, dim=64, spread=0.4, seed=3)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids, sims = exact_knn(x, 60)  # k > blob size: every node sees its whole blob
-    return ids, sims, labels
+    return x, ids, sims, labels
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_method_recovers_separated_blobs(blob_graph, name):
-    ids, sims, labels = blob_graph
-    threshold = {"knn-cc": {"threshold": 0.6}, "density-peak": {"tau": 0.6}}[name]
-    cid, parent, scores = _run_in_process(name, ids, sims, parts=1, **threshold)
+def test_every_method_recovers_separated_blobs(blob_graph, name, tmp_path):
+    x, ids, sims, labels = blob_graph
+    threshold = {"knn-cc": {"threshold": 0.6}, "density-peak": {"tau": 0.6}, "gcn-v": {"tau": 0.6}}
+    cid, parent, scores = _run_in_process(name, x, ids, sims, 1, tmp_path, **threshold[name])
     assert _same_partition(cid, labels)
     assert pairwise_prf(labels, cid)[2] == 1.0
     assert scores.dtype == np.float32 and parent.dtype == np.int64
@@ -126,18 +160,18 @@ def test_every_method_recovers_separated_blobs(blob_graph, name):
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_method_is_partition_invariant_in_process(blob_graph, name):
-    ids, sims, _ = blob_graph
-    ref = _run_in_process(name, ids, sims, parts=1)
+def test_every_method_is_partition_invariant_in_process(blob_graph, name, tmp_path):
+    x, ids, sims, _ = blob_graph
+    ref = _run_in_process(name, x, ids, sims, 1, tmp_path)
     for parts in (2, 7):
-        got = _run_in_process(name, ids, sims, parts=parts)
+        got = _run_in_process(name, x, ids, sims, parts, tmp_path)
         for a, b in zip(ref, got, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
-def test_density_peak_parents_form_a_forest(blob_graph):
-    ids, sims, _ = blob_graph
-    _, parent, scores = _run_in_process("density-peak", ids, sims, parts=3, tau=0.0)
+def test_density_peak_parents_form_a_forest(blob_graph, tmp_path):
+    x, ids, sims, _ = blob_graph
+    _, parent, scores = _run_in_process("density-peak", x, ids, sims, 3, tmp_path, tau=0.0)
     linked = np.nonzero(parent >= 0)[0]
     assert (
         (scores[parent[linked]] > scores[linked])
@@ -160,17 +194,23 @@ def ray_graph(ray_local, tmp_path_factory):
     manifest, _ = build_knn_graph(
         info, KnnConfig(k=20, block_rows=300), str(path.parent / "knn"), {"CPU": 2.0}
     )
-    return manifest
+    return manifest, info
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_method_is_partition_invariant_on_ray(ray_graph, name):
-    cfg = Config(knn=KnnConfig(k=20))
-    method = get_method(name, cfg)
+def test_every_method_is_partition_invariant_on_ray(ray_graph, name, tmp_path):
+    manifest, info = ray_graph
+    method = get_method(name, _config(name, 20, 32, tmp_path))
     results = []
     for parts, merge in [(1, "local"), (2, "forest"), (7, "forest"), (7, "local")]:
         refs = run_cluster_stage(
-            method, ray_graph, ClusterConfig(partitions=parts, merge=merge), 2.0, None, StageLog()
+            method,
+            manifest,
+            ClusterConfig(partitions=parts, merge=merge),
+            2.0,
+            None,
+            StageLog(),
+            info=info,
         )
         cid = ray_get(refs.cluster_id)
         parent = np.concatenate(ray_get(refs.parents))
