@@ -59,6 +59,10 @@ class GCNVParams:
 
     model: str = ""  # model directory written by jobs/train.py (required; --model URI)
     tau: float | None = None  # link when cosine > tau; None = the tau tuned with the model
+    # link on a new kNN of the GCN's own 512-d features (the paper's pass, threshold tau2);
+    # off by default: on the synthetic benchmark it scores better on train, worse on test
+    feature_pass: bool = False
+    tau2: float | None = None  # threshold of the feature pass; None = tuned with the model
     batch_rows: int = 65536  # inference rows per forward pass inside a partition
 
 
@@ -221,7 +225,8 @@ def validate(cfg: Config) -> Config:
             raise InputError(f"config {key}", f"must be >= 0, got {value}")
     if cfg.knn.k < 2:
         raise InputError("config knn.k", f"must be >= 2 (self + 1 neighbour), got {cfg.knn.k}")
-    for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau"):
+    for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau",
+                "methods.gcn-v.tau2"):
         value = _get(cfg, key)
         if value is not None and not -1.0 <= value <= 1.0:
             raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")

@@ -211,3 +211,46 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n_samples"] > 4000 and metrics["pairwise_f"] > 0.3
+
+
+def test_feature_pass_links_on_a_gcn_feature_graph(trained, tmp_path, capsys):
+    """The paper's second pass: a kNN over the 512-d GCN features written by the partition
+    actors, linked with tau2; identical for 1 and 3 partitions."""
+    from ltc_ray.io.output import read_clusters
+
+    root, model = trained
+    meta = json.loads((model / "model.json").read_text())
+    assert 0.3 <= meta["thresholds"]["tau2"] <= 0.95
+    assert "pairwise_f" in meta["train_metrics_feature_graph"]
+    results = []
+    for parts in (1, 3):
+        out = tmp_path / f"out{parts}"
+        code = main(
+            [
+                "cluster",
+                "--part",
+                "1",
+                "--data-root",
+                str(root),
+                "--method",
+                "gcn-v",
+                "--model",
+                str(model),
+                "--set",
+                "knn.k=20",
+                "--set",
+                "methods.gcn-v.feature_pass=true",
+                "--set",
+                f"cluster.partitions={parts}",
+                "--output",
+                str(out),
+                "--work-dir",
+                str(tmp_path / f"w{parts}"),
+            ]
+        )
+        assert code == 0, capsys.readouterr().err
+        run = json.loads((out / "run.json").read_text())
+        assert run["stages"]["knn_features"]["rows"] == run["n_samples"]
+        assert (tmp_path / f"w{parts}" / "node-features" / "features.parts.json").exists()
+        results.append(read_clusters(str(out)).column("cluster_id").to_numpy())
+    np.testing.assert_array_equal(results[0], results[1])

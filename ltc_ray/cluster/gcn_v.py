@@ -35,9 +35,10 @@ class GCNV(ClusterMethod):
         self.state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
         self.in_dim = int(meta["in_dim"])
         self.hidden = int(meta["hidden"])
-        tuned = meta.get("thresholds", {}).get("tau")
-        self.tau = float(params.tau if params.tau is not None else tuned if tuned is not None
-                         else 0.65)
+        tuned = meta.get("thresholds", {})
+        self.tau = _pick(params.tau, tuned.get("tau"), 0.65)
+        self.tau2 = _pick(params.tau2, tuned.get("tau2"), 0.8)
+        self.feature_pass = bool(params.feature_pass)
         self._model = None
 
     def check_inputs(self, dim: int, where: str) -> None:
@@ -62,12 +63,21 @@ class GCNV(ClusterMethod):
             self._model = net
         return self._model
 
-    def score_halo(self, part) -> np.ndarray:
+    def score_halo(self, part):
+        """Confidence ``(n,) float32``; with the feature pass also the hidden features
+        ``(n, hidden)`` the pipeline writes and builds the second kNN graph from."""
         from ltc_ray.models.gcn_v import aggregate, predict
 
         agg = aggregate(part.adj, part.x_cols)
-        conf, _ = predict(self.model(), part.x, agg, batch_rows=self.params.batch_rows)
-        return conf.astype(np.float32)
+        conf, hidden = predict(self.model(), part.x, agg, batch_rows=self.params.batch_rows)
+        conf = conf.astype(np.float32)
+        return (conf, hidden) if self.feature_pass else conf
 
     def link(self, part: PartitionInput, scores: np.ndarray) -> LinkResult:
-        return link_to_nearest_higher(part, scores, self.tau)
+        """On the input graph (tau) or, in the feature pass, on the GCN-feature graph (tau2)."""
+        return link_to_nearest_higher(part, scores, self.tau2 if self.feature_pass else self.tau)
+
+
+def _pick(configured, tuned, fallback):
+    """A configured value wins, then the value tuned with the model, then the paper's."""
+    return configured if configured is not None else tuned if tuned is not None else fallback

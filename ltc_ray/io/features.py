@@ -8,8 +8,11 @@ read their own row ranges straight from storage.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import struct
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
@@ -19,7 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ltc_ray.errors import InputError
-from ltc_ray.io.fs import file_size, read_bytes_range, require_file, url_to_fs
+from ltc_ray.io.fs import (
+    file_size,
+    join_uri,
+    read_bytes_range,
+    require_file,
+    url_to_fs,
+    write_bytes_atomic,
+)
 
 __all__ = [
     "DEFAULT_BIN_DIM",
@@ -32,10 +42,19 @@ __all__ = [
     "read_ids",
     "scan_features",
     "validate_rows",
+    "write_feature_part",
+    "write_parts_manifest",
 ]
 
 DEFAULT_BIN_DIM = 256
-FEATURE_FORMATS = {".bin": "bin", ".npy": "npy", ".parquet": "parquet", ".pq": "parquet"}
+FEATURE_FORMATS = {
+    ".parts.json": "parts",
+    ".bin": "bin",
+    ".npy": "npy",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+PARTS_KIND = "ltc-ray-feature-parts"
 _NPY_DTYPES = ("float16", "float32", "float64")
 EMBEDDING_COLUMN = "embedding"
 ID_COLUMN = "id"
@@ -57,6 +76,8 @@ class FeatureInfo:
     header_bytes: int  # .npy data offset; 0 for bin/parquet
     has_ids: bool  # parquet with an `id` column
     storage_options: dict | None = field(default=None, repr=False, compare=False)
+    version: str = ""  # changes when the file's content may have (fsspec ukey / parts token)
+    parts: tuple = ()  # "parts" format: ((start, stop, uri, header_bytes), ...)
 
     @property
     def row_bytes(self) -> int:
@@ -87,7 +108,9 @@ def inspect_features(
     require_file(uri, "feature file", storage_options)
     if dim is not None and (isinstance(dim, bool) or int(dim) != dim or dim <= 0):
         raise InputError(uri, f"dim must be a positive integer, got {dim!r}")
-    if fmt == "bin":
+    if fmt == "parts":
+        info = _inspect_parts(uri, dim, storage_options)
+    elif fmt == "bin":
         info = _inspect_bin(uri, dim, storage_options)
     elif fmt == "npy":
         info = _inspect_npy(uri, dim, storage_options)
@@ -95,7 +118,63 @@ def inspect_features(
         info = _inspect_parquet(uri, dim, storage_options)
     if info.n_rows < 2:
         raise InputError(uri, f"need at least 2 samples, found {info.n_rows}")
+    if not info.version:
+        fs, path = url_to_fs(uri, storage_options)
+        info = dataclasses.replace(info, version=str(fs.ukey(path)))
     return info
+
+
+def write_feature_part(
+    directory: str, index: int, start: int, x: np.ndarray, storage_options: dict | None = None
+) -> tuple[int, int, str, int]:
+    """Write rows ``start..`` of a matrix produced in pieces (e.g. GCN features written by
+    partition actors) as ``part-<index>.npy``; returns its entry for the parts manifest."""
+    x = np.ascontiguousarray(x, dtype="<f4")
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, x, allow_pickle=False)
+    name = f"part-{index:05d}.npy"
+    header = len(buf.getvalue()) - x.nbytes
+    write_bytes_atomic(join_uri(directory, name), buf.getvalue(), storage_options)
+    return (int(start), int(start + len(x)), name, int(header))
+
+
+def write_parts_manifest(
+    uri: str, dim: int, parts: list[tuple[int, int, str, int]], storage_options: dict | None = None
+) -> None:
+    """Publish pieces written by :func:`write_feature_part` as one readable matrix
+    (``*.parts.json``); rows must tile ``[0, N)`` in order."""
+    parts = sorted(parts)
+    if parts[0][0] != 0 or any(a[1] != b[0] for a, b in zip(parts[:-1], parts[1:], strict=True)):
+        raise ValueError("feature parts must tile [0, N) without gaps")
+    manifest = {
+        "kind": PARTS_KIND,
+        "n_rows": parts[-1][1],
+        "dim": int(dim),
+        "token": uuid.uuid4().hex,
+        "parts": [{"start": a, "stop": b, "file": f, "header_bytes": h} for a, b, f, h in parts],
+    }
+    write_bytes_atomic(uri, json.dumps(manifest, indent=1).encode(), storage_options)
+
+
+def _inspect_parts(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:
+    try:
+        manifest = json.loads(read_bytes_range(uri, 0, file_size(uri, storage_options),
+                                               storage_options))
+        if manifest.get("kind") != PARTS_KIND:
+            raise ValueError("not a feature-parts manifest")
+        d = int(manifest["dim"])
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        parts = tuple(
+            (int(p["start"]), int(p["stop"]), join_uri(base, p["file"]), int(p["header_bytes"]))
+            for p in manifest["parts"]
+        )
+        n = int(manifest["n_rows"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(uri, f"invalid feature-parts manifest ({exc})") from None
+    if dim is not None and int(dim) != d:
+        raise InputError(uri, f"has dim {d}, expected {dim}")
+    return FeatureInfo(uri, "parts", n, d, "float32", 0, False, storage_options,
+                       version=str(manifest["token"]), parts=parts)
 
 
 def _inspect_bin(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:
@@ -286,6 +365,15 @@ def _read_raw(info: FeatureInfo, start: int, stop: int) -> np.ndarray:
     n = stop - start
     if info.format == "parquet":
         return _parquet_embeddings(info, start, stop)
+    if info.format == "parts":
+        pieces = []
+        for lo, hi, part_uri, header in info.parts:
+            if hi <= start or lo >= stop:
+                continue
+            part = FeatureInfo(part_uri, "npy", hi - lo, info.dim, "float32", header, False,
+                               info.storage_options)
+            pieces.append(_read_raw(part, max(start, lo) - lo, min(stop, hi) - lo))
+        return np.concatenate(pieces) if pieces else np.empty((0, info.dim), np.float32)
     dtype = np.dtype(info.dtype).newbyteorder("<")
     begin = info.header_bytes + start * info.row_bytes
     data = read_bytes_range(info.uri, begin, begin + n * info.row_bytes, info.storage_options)

@@ -2,9 +2,10 @@
 
 ``weights.pt`` is ``torch.save`` of the state dict (tensors only) and is read back with
 ``torch.load(weights_only=True)``, so a weights file can never run code. ``model.json`` records
-what the model needs to be applied correctly (method, in_dim, hidden, k, thresholds) and where
-it came from (training data fingerprint, train config, metrics, versions). It is written after
-the weights, so a directory with ``model.json`` is complete.
+what the model needs to be applied correctly (method, in_dim, hidden or dims, k, thresholds)
+and where it came from (training data fingerprint, train config, metrics, versions). It is
+written after the weights, so a directory with ``model.json`` is complete. GCN-V models use
+:func:`save_model`/:func:`load_model`, GCN-E models :func:`save_gcn_e`/:func:`load_gcn_e`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ import torch
 import ltc_ray
 from ltc_ray.errors import InputError
 from ltc_ray.io.fs import join_uri, open_uri, uri_exists, write_bytes_atomic
+from ltc_ray.models.gcn_e import GCNE
 from ltc_ray.models.gcn_v import GCNV
 
-__all__ = ["MODEL_JSON", "WEIGHTS", "data_fingerprint", "load_model", "save_model"]
+__all__ = [
+    "MODEL_JSON",
+    "WEIGHTS",
+    "data_fingerprint",
+    "load_gcn_e",
+    "load_model",
+    "save_gcn_e",
+    "save_model",
+]
 
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
 METHOD = "gcn-v"
+METHOD_E = "gcn-e"
 FORMAT_VERSION = 1
 
 
@@ -63,19 +74,42 @@ def save_model(uri: str, model: GCNV, meta: dict, storage_options: dict | None =
     (the train config as a dict), ``metrics``; ``method``, ``in_dim``, ``hidden`` and
     ``versions`` are filled in from the model. Everything must be JSON-serialisable.
     """
+    _write(
+        uri,
+        model,
+        meta,
+        {"method": METHOD, "in_dim": model.in_dim, "hidden": model.hidden},
+        storage_options,
+    )
+
+
+def save_gcn_e(uri: str, model: GCNE, meta: dict, storage_options: dict | None = None) -> None:
+    """Write a GCN-E ``model`` and ``meta`` to the directory ``uri``, as :func:`save_model`
+    does (``meta`` must hold ``k``, the kNN size on GCN-V features, e.g. 160); ``method``
+    ("gcn-e"), ``in_dim``, ``dims`` and ``versions`` are filled in from the model."""
+    _write(
+        uri,
+        model,
+        meta,
+        {"method": METHOD_E, "in_dim": model.in_dim, "dims": list(model.dims)},
+        storage_options,
+    )
+
+
+def _write(
+    uri: str, model: torch.nn.Module, meta: dict, arch: dict, storage_options: dict | None
+) -> None:
     k = meta.get("k")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"meta must record the kNN size k as a positive int, got {k!r}")
-    for key, value in (("method", METHOD), ("in_dim", model.in_dim), ("hidden", model.hidden)):
+    for key, value in arch.items():
         if key in meta and meta[key] != value:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the model has {value!r}")
     record = {
         **meta,
         "k": int(k),
-        "method": METHOD,
+        **arch,
         "format": FORMAT_VERSION,
-        "in_dim": model.in_dim,
-        "hidden": model.hidden,
         "versions": _versions(),
     }
     text = json.dumps(record, indent=2, sort_keys=True).encode()
@@ -104,13 +138,23 @@ def _read_meta(uri: str, storage_options: dict | None) -> dict:
         raise InputError(uri, f"invalid {MODEL_JSON}: {exc}") from exc
     if not isinstance(meta, dict):
         raise InputError(uri, f"invalid {MODEL_JSON}: expected an object")
-    for key in ("in_dim", "hidden", "k"):
+    # GCN-V records its width as ``hidden``, GCN-E its four widths as ``dims``.
+    sizes = ("in_dim", "k") if meta.get("method") == METHOD_E else ("in_dim", "hidden", "k")
+    for key in sizes:
         value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _positive_int(value):
             raise InputError(uri, f"invalid {MODEL_JSON}: {key} must be a positive int")
     if not isinstance(meta.get("method"), str):
         raise InputError(uri, f"invalid {MODEL_JSON}: method must be a string")
+    if meta["method"] == METHOD_E:
+        dims = meta.get("dims")
+        if not isinstance(dims, list) or len(dims) != 4 or not all(map(_positive_int, dims)):
+            raise InputError(uri, f"invalid {MODEL_JSON}: dims must be 4 positive ints")
     return meta
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def load_model(
@@ -127,14 +171,47 @@ def load_model(
     dim and k match ``expected_dim``/``expected_k``, and the weights load with
     ``weights_only=True`` and fit the architecture exactly.
     """
+    meta = _checked_meta(uri, METHOD, method, expected_dim, expected_k, storage_options)
+    model = GCNV(meta["in_dim"], meta["hidden"])
+    _load_weights(
+        uri, model, f"gcn-v (in_dim {meta['in_dim']}, hidden {meta['hidden']})", storage_options
+    )
+    return model, meta
+
+
+def load_gcn_e(
+    uri: str,
+    expected_dim: int | None = None,
+    expected_k: int | None = None,
+    storage_options: dict | None = None,
+) -> tuple[GCNE, dict]:
+    """The GCN-E model in directory ``uri`` (eval mode, CPU) and its ``model.json``, with the
+    checks of :func:`load_model`: ``expected_dim`` is the GCN-V feature width the model reads
+    and ``expected_k`` the kNN size on those features."""
+    meta = _checked_meta(uri, METHOD_E, None, expected_dim, expected_k, storage_options)
+    model = GCNE(meta["in_dim"], meta["dims"])
+    _load_weights(
+        uri, model, f"gcn-e (in_dim {meta['in_dim']}, dims {meta['dims']})", storage_options
+    )
+    return model, meta
+
+
+def _checked_meta(
+    uri: str,
+    kind: str,
+    method: str | None,
+    expected_dim: int | None,
+    expected_k: int | None,
+    storage_options: dict | None,
+) -> dict:
+    """``model.json`` of directory ``uri`` after checking method, dim and k."""
     if not uri_exists(uri, storage_options):
         raise InputError(uri, "model directory not found")
-    json_uri, weights_uri = join_uri(uri, MODEL_JSON), join_uri(uri, WEIGHTS)
-    meta = _read_meta(json_uri, storage_options)
+    meta = _read_meta(join_uri(uri, MODEL_JSON), storage_options)
     if method is not None and meta["method"] != method:
         raise InputError(uri, f"model is a {meta['method']!r} model, not {method!r}")
-    if meta["method"] != METHOD:
-        raise InputError(uri, f"model is a {meta['method']!r} model, expected {METHOD!r}")
+    if meta["method"] != kind:
+        raise InputError(uri, f"model is a {meta['method']!r} model, expected {kind!r}")
     if expected_dim is not None and meta["in_dim"] != expected_dim:
         raise InputError(
             uri, f"model was trained for dim {meta['in_dim']}, the features have {expected_dim}"
@@ -143,13 +220,20 @@ def load_model(
         raise InputError(
             uri, f"model was trained with k={meta['k']}, the kNN graph has k={expected_k}"
         )
+    return meta
 
+
+def _load_weights(
+    uri: str, model: torch.nn.Module, describe: str, storage_options: dict | None
+) -> None:
+    """Fill ``model`` from ``uri/weights.pt`` (``weights_only``), refusing any key or shape
+    that does not fit it exactly; leaves the model in eval mode."""
+    weights_uri = join_uri(uri, WEIGHTS)
     raw = _read(weights_uri, WEIGHTS, storage_options)
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad or unsafe files
         raise InputError(weights_uri, f"cannot read weights: {exc}") from exc
-    model = GCNV(meta["in_dim"], meta["hidden"])
     expected = model.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(weights_uri, "weights are not a state dict of tensors")
@@ -168,11 +252,6 @@ def load_model(
             problems.append(f"unexpected {unexpected}")
         if wrong:
             problems.append("wrong shapes: " + ", ".join(wrong))
-        raise InputError(
-            weights_uri,
-            f"weights do not fit gcn-v (in_dim {meta['in_dim']}, hidden {meta['hidden']}): "
-            + "; ".join(problems),
-        )
+        raise InputError(weights_uri, f"weights do not fit {describe}: " + "; ".join(problems))
     model.load_state_dict({name: t.to(torch.float32) for name, t in state.items()})
     model.eval()
-    return model, meta

@@ -88,36 +88,75 @@ def run_cluster_stage(
     stage_log,
     scores: list | None = None,
     info: FeatureInfo | None = None,
+    feature_dir: str | None = None,
+    link_manifest: KnnManifest | None = None,
 ) -> ClusterRefs:
     """Score, link and merge; returns refs (the driver never materialises N-sized data).
 
     ``scores`` (refs from an earlier call with the same partitioning) skips scoring:
-    tuning a link threshold re-links without re-scoring.
+    tuning a link threshold re-links without re-scoring. ``link_manifest`` links on
+    another graph than the one scored on (GCN-V's pass over its own features).
     """
+    ranges = partition_ranges(manifest.n_rows, cfg, cpus)
+    if scores is None or len(scores) != len(ranges):
+        scores, _ = score_stage(method, manifest, ranges, cpus, storage_options, stage_log,
+                                info=info, feature_dir=feature_dir)
+    return link_merge_stage(method, link_manifest or manifest, ranges, scores, cfg,
+                            storage_options, stage_log)
+
+
+def score_stage(
+    method: ClusterMethod,
+    manifest: KnnManifest,
+    ranges: list[tuple[int, int]],
+    cpus: float,
+    storage_options: dict | None,
+    stage_log,
+    info: FeatureInfo | None = None,
+    feature_dir: str | None = None,
+) -> tuple[list, list]:
+    """Per-partition scores (refs); for halo methods also the per-partition entries of
+    node features written to ``feature_dir`` (when the method emits them)."""
     n = manifest.n_rows
-    ranges = partition_ranges(n, cfg, cpus)
+    so = storage_options
+    feature_parts: list = []
+    with stage_log.stage("score", rows=n) as rec:
+        if method.needs_halo:
+            if info is None:
+                raise ValueError(f"method {method.name} needs the features (info)")
+            scores, stat_refs, actors = score_with_halo(method, info, manifest, ranges, cpus,
+                                                        feature_dir)
+            stats = wait_all(stat_refs, f"score ({method.name})", "partition")
+            for actor in actors:
+                ray.kill(actor)
+            rss = [s["peak_rss"] for s in stats]
+            feature_parts = [s["feature_part"] for s in stats if s.get("feature_part")]
+            rec.extra["halo_rows"] = sum(s["halo"] for s in stats)
+            rec.extra["actor_peak_rss_bytes"] = rss
+        else:
+            method_ref = ray.put(method)
+            pairs = [_score_partition.remote(method_ref, manifest, lo, hi, so)
+                     for lo, hi in ranges]
+            scores = [p[0] for p in pairs]
+            rss = wait_all([p[1] for p in pairs], f"score ({method.name})", "partition")
+        rec.worker_peak_rss_bytes = max(rss)
+        rec.extra["partitions"] = len(ranges)
+    return scores, feature_parts
+
+
+def link_merge_stage(
+    method: ClusterMethod,
+    manifest: KnnManifest,
+    ranges: list[tuple[int, int]],
+    scores: list,
+    cfg: ClusterConfig,
+    storage_options: dict | None,
+    stage_log,
+) -> ClusterRefs:
+    """Link every partition given all scores, then the global merge."""
+    n = manifest.n_rows
     so = storage_options
     method_ref = ray.put(method)
-    if scores is None or len(scores) != len(ranges):
-        with stage_log.stage("score", rows=n) as rec:
-            if method.needs_halo:
-                if info is None:
-                    raise ValueError(f"method {method.name} needs the features (info)")
-                scores, stat_refs, actors = score_with_halo(method, info, manifest, ranges, cpus)
-                stats = wait_all(stat_refs, f"score ({method.name})", "partition")
-                for actor in actors:
-                    ray.kill(actor)
-                rss = [s["peak_rss"] for s in stats]
-                rec.extra["halo_rows"] = sum(s["halo"] for s in stats)
-                rec.extra["actor_peak_rss_bytes"] = rss
-            else:
-                pairs = [_score_partition.remote(method_ref, manifest, lo, hi, so)
-                         for lo, hi in ranges]
-                scores = [p[0] for p in pairs]
-                rss = wait_all([p[1] for p in pairs], f"score ({method.name})", "partition")
-            rec.worker_peak_rss_bytes = max(rss)
-            rec.extra["partitions"] = len(ranges)
-
     merge_mode = cfg.merge
     if merge_mode == "auto":
         merge_mode = "local" if n * (manifest.k - 1) <= cfg.merge_local_max_edges else "forest"

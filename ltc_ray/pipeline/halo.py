@@ -18,7 +18,7 @@ import ray
 
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
-from ltc_ray.io.features import FeatureInfo, read_features
+from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
 from ltc_ray.pipeline.runtime import peak_rss_bytes
 
 log = logging.getLogger("ltc_ray")
@@ -57,6 +57,7 @@ class PartitionActor:
         except ImportError:  # pragma: no cover - torch is a dependency of the model methods
             pass
         so = info.storage_options
+        self.storage_options = so
         self.start, self.stop = start, stop
         self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
         self.x = read_features(info, start, stop)
@@ -72,8 +73,10 @@ class PartitionActor:
         """Features of owned nodes ``ids`` (global ids, any order)."""
         return self.x[np.asarray(ids, dtype=np.int64) - self.start]
 
-    def score(self, method, actors: list, bounds: np.ndarray, index: int):
-        """Scores of the owned nodes; returns ``(scores (n,) float32, stats)``."""
+    def score(self, method, actors: list, bounds: np.ndarray, index: int,
+              feature_dir: str | None = None):
+        """Scores of the owned nodes; returns ``(scores (n,) float32, stats)``. Node features
+        a method emits (e.g. GCN-V's hidden layer) are written to ``feature_dir``."""
         others = [a for i, a in enumerate(actors) if i != index]
         incoming = ray.get([a.edges_into.remote(self.start, self.stop) for a in others])
         src = np.concatenate([self.src] + [e[0] for e in incoming])
@@ -85,7 +88,14 @@ class PartitionActor:
         part = HaloPartition(self.start, self.stop, self.knn_ids, self.knn_sims, self.x, adj,
                              cols, x_cols)
         scores = method.score_halo(part)
+        feature_part = None
+        if isinstance(scores, tuple):
+            scores, node_features = scores
+            if feature_dir is not None:
+                feature_part = write_feature_part(feature_dir, index, self.start, node_features,
+                                                  self.storage_options)
         stats = {
+            "feature_part": feature_part,
             "rows": int(len(targets)),
             "halo": int(len(cols) - len(targets)),
             "in_edges": int(sum(len(e[0]) for e in incoming)),
@@ -107,7 +117,8 @@ class PartitionActor:
 
 
 def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
-                    ranges: list[tuple[int, int]], cpus: float) -> tuple[list, list, list]:
+                    ranges: list[tuple[int, int]], cpus: float,
+                    feature_dir: str | None = None) -> tuple[list, list, list]:
     """Start one actor per partition and score every partition.
 
     Returns (score refs, stat refs, actors); kill the actors once the stats are in
@@ -121,6 +132,6 @@ def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
     ]
     bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
     method_ref = ray.put(method)
-    pairs = [a.score.options(num_returns=2).remote(method_ref, actors, bounds, i)
+    pairs = [a.score.options(num_returns=2).remote(method_ref, actors, bounds, i, feature_dir)
              for i, a in enumerate(actors)]
     return [p[0] for p in pairs], [p[1] for p in pairs], actors

@@ -28,6 +28,7 @@ from ltc_ray.io.features import (
     inspect_features,
     read_ids,
     scan_features,
+    write_parts_manifest,
 )
 from ltc_ray.io.fs import join_uri, uri_exists, url_to_fs
 from ltc_ray.io.labels import read_labels
@@ -43,7 +44,13 @@ from ltc_ray.io.output import (
     write_summary,
 )
 from ltc_ray.metrics import evaluate
-from ltc_ray.pipeline.cluster_stage import ClusterRefs, run_cluster_stage
+from ltc_ray.pipeline.cluster_stage import (
+    ClusterRefs,
+    link_merge_stage,
+    partition_ranges,
+    run_cluster_stage,
+    score_stage,
+)
 from ltc_ray.pipeline.knn_stage import build_knn_graph, import_ltc_knn
 from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get, wait_all
 
@@ -176,6 +183,30 @@ def knn_stage(spec: JobSpec, info: FeatureInfo, resources: dict, stages: StageLo
     return manifest
 
 
+def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
+                   manifest, resources: dict, stages: StageLog) -> ClusterRefs:
+    """Score, link, merge. A method with a feature pass (GCN-V's paper setting) writes its
+    node features, gets a second sharded kNN graph over them and links on that graph."""
+    cfg, so = spec.config, spec.storage_options
+    cpus = float(resources.get("CPU", 1))
+    if not getattr(method, "feature_pass", False):
+        return run_cluster_stage(method, manifest, cfg.cluster, cpus, so, stages, info=info)
+    work = spec.resolved_work_dir
+    feature_dir = join_uri(work, "node-features")
+    ranges = partition_ranges(manifest.n_rows, cfg.cluster, cpus)
+    scores, parts = score_stage(method, manifest, ranges, cpus, so, stages, info=info,
+                                feature_dir=feature_dir)
+    parts_uri = join_uri(feature_dir, "features.parts.json")
+    write_parts_manifest(parts_uri, method.hidden, parts, so)
+    feature_info = inspect_features(parts_uri, storage_options=so)
+    with stages.stage("knn_features", rows=info.n_rows) as rec:
+        graph, knn_stats = build_knn_graph(feature_info, cfg.knn, join_uri(work, "knn-features"),
+                                           resources, cfg.seed)
+        rec.worker_peak_rss_bytes = knn_stats.pop("worker_peak_rss_bytes", 0)
+        rec.extra.update(knn_stats)
+    return link_merge_stage(method, graph, ranges, scores, cfg.cluster, so, stages)
+
+
 def _versions() -> dict[str, str]:
     out = {"ltc_ray": __version__, "python": platform.python_version()}
     for pkg in ("ray", "faiss-cpu", "faiss-gpu", "numpy", "scipy", "pyarrow", "fsspec"):
@@ -201,12 +232,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
              info.n_rows, info.dim, cfg.method, spec.output)
 
     resources = init_ray(spec.num_cpus)
-    cpus = float(resources.get("CPU", 1))
     validate_inputs(spec, info, resources, stages)
     manifest = knn_stage(spec, info, resources, stages)
 
-    refs: ClusterRefs = run_cluster_stage(method, manifest, cfg.cluster, cpus, so, stages,
-                                          info=info)
+    refs = cluster_stages(spec, method, info, manifest, resources, stages)
 
     with stages.stage("write", rows=info.n_rows) as rec:
         writes = [

@@ -149,6 +149,7 @@ def _merge_and_save(queries, start, k, n_rows, uri, storage_options, *partials) 
 def _fingerprint(info: FeatureInfo, cfg: KnnConfig, seed: int) -> dict:
     return {
         "features": info.uri,
+        "version": info.version,
         "n_rows": info.n_rows,
         "dim": info.dim,
         "k": cfg.k,

@@ -20,11 +20,18 @@ from ltc_ray.cluster.density_peak import link_to_nearest_higher
 from ltc_ray.config import Config
 from ltc_ray.errors import InputError
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
-from ltc_ray.io.features import FeatureInfo, read_features
+from ltc_ray.io.features import (
+    FeatureInfo,
+    inspect_features,
+    read_features,
+    write_feature_part,
+    write_parts_manifest,
+)
 from ltc_ray.io.fs import join_uri, uri_exists
 from ltc_ray.io.labels import read_labels
 from ltc_ray.metrics import evaluate, pairwise_prf
 from ltc_ray.pipeline.job import JobSpec, knn_stage, preflight_inputs, validate_inputs
+from ltc_ray.pipeline.knn_stage import build_knn_graph
 from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
@@ -57,14 +64,23 @@ def tune_tau(knn_ids: np.ndarray, knn_sims: np.ndarray, confidence: np.ndarray,
     return float(best), scores
 
 
-@ray.remote
-def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, output: str,
-                 train_cfg, seed: int, threads: int) -> dict:
+def _link_and_score(knn_ids, knn_sims, confidence, labels, tau) -> dict:
+    n = len(labels)
+    link = link_to_nearest_higher(PartitionInput(0, n, knn_ids, knn_sims), confidence, tau)
+    cid, _, _ = merge_edges(n, [(link.src, link.dst)])
+    return evaluate(labels, cid)
+
+
+@ray.remote(num_returns=3)
+def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, feature_dir: str,
+                 train_cfg, threads: int):
+    """Train on the whole split; tune tau on the input graph; write the hidden features
+    for the feature-pass graph. Returns (partial meta, model, confidence)."""
     import torch
 
     from ltc_ray.graph.adjacency import whole_graph_adjacency
     from ltc_ray.models.gcn_v import aggregate, predict
-    from ltc_ray.models.store import data_fingerprint, save_model
+    from ltc_ray.models.store import data_fingerprint
     from ltc_ray.models.targets import confidence_target
     from ltc_ray.models.train import train_gcn_v
 
@@ -77,29 +93,47 @@ def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, outp
     labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
     adj = whole_graph_adjacency(knn_ids, knn_sims)
     target = confidence_target(knn_ids, knn_sims, labels)
-    agg = aggregate(adj, x)  # ÂX once: training and the tau search both use it
+    agg = aggregate(adj, x)  # ÂX once: training and inference both use it
     del adj
     model, history = train_gcn_v(x, None, target, train_cfg, agg=agg)
-    confidence, _ = predict(model, x, agg)
+    confidence, hidden = predict(model, x, agg)
+    part = write_feature_part(feature_dir, 0, 0, hidden, so)
     tau, tau_scores = tune_tau(knn_ids, knn_sims, confidence, labels)
-    link = link_to_nearest_higher(PartitionInput(0, n, knn_ids, knn_sims), confidence, tau)
-    cid, _, _ = merge_edges(n, [(link.src, link.dst)])
-    train_metrics = evaluate(labels, cid)
     meta = {
         "method": "gcn-v",
         "in_dim": int(info.dim),
         "hidden": int(train_cfg.hidden),
         "k": int(manifest.k),
-        "thresholds": {"tau": tau},
         "tau_search": {f"{t:.2f}": round(f, 5) for t, f in sorted(tau_scores.items())},
-        "train_metrics": train_metrics,
+        "train_metrics_input_graph": _link_and_score(knn_ids, knn_sims, confidence, labels, tau),
+        "thresholds": {"tau": tau},
         "train_config": asdict(train_cfg),
-        "seed": seed,
         "fingerprint": data_fingerprint(info.uri, n, info.dim, labels),
         "history": history,
+        "feature_part": part,
         "train_seconds": round(time.perf_counter() - t0, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    return meta, model, confidence
+
+
+@ray.remote
+def _finish_gcn_v(meta: dict, model, confidence: np.ndarray, graph: KnnManifest,
+                  labels_uri: str, output: str, so: dict | None) -> dict:
+    """Tune tau2 on the GCN-feature graph (for ``feature_pass=true``), save the model."""
+    from ltc_ray.models.store import save_model
+
+    n = len(confidence)
+    labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
+    knn_ids, knn_sims = read_knn_rows(graph, 0, n, so)
+    tau2, tau2_scores = tune_tau(knn_ids, knn_sims, confidence, labels)
+    feature_metrics = _link_and_score(knn_ids, knn_sims, confidence, labels, tau2)
+    meta = dict(meta)
+    meta.pop("feature_part", None)
+    meta["thresholds"] = {**meta["thresholds"], "tau2": tau2}
+    meta["tau2_search"] = {f"{t:.2f}": round(f, 5) for t, f in sorted(tau2_scores.items())}
+    meta["train_metrics_feature_graph"] = feature_metrics
+    meta["train_metrics"] = meta["train_metrics_input_graph"]  # the default pass
     save_model(output, model, meta, so)
     return meta
 
@@ -131,10 +165,26 @@ def train(
     validate_inputs(spec, info, resources, stages)
     manifest = knn_stage(spec, info, resources, stages)
     cpus = max(1, int(resources.get("CPU", 1)))
+    so = storage_options
+    feature_dir = join_uri(spec.resolved_work_dir, "node-features")
     with stages.stage("train", rows=info.n_rows):
-        meta = ray_get(_train_gcn_v.options(num_cpus=cpus).remote(
-            info, manifest, labels, output, train_cfg, config.seed, cpus))
+        train_cfg.seed = config.seed
+        meta_ref, model_ref, conf_ref = _train_gcn_v.options(num_cpus=cpus).remote(
+            info, manifest, labels, feature_dir, train_cfg, cpus)
+        part = ray_get(meta_ref)["feature_part"]
+    parts_uri = join_uri(feature_dir, "features.parts.json")
+    write_parts_manifest(parts_uri, train_cfg.hidden, [tuple(part)], so)
+    feature_info = inspect_features(parts_uri, storage_options=so)
+    with stages.stage("knn_features", rows=info.n_rows):
+        graph, _ = build_knn_graph(feature_info, config.knn,
+                                   join_uri(spec.resolved_work_dir, "knn-features"), resources,
+                                   config.seed)
+    with stages.stage("tune_feature_pass", rows=info.n_rows):
+        meta = ray_get(_finish_gcn_v.remote(meta_ref, model_ref, conf_ref, graph, labels, output,
+                                            so))
     meta["stages"] = stages.to_dict()
-    log.info("trained %s: tau=%.2f, train pairwise F %.4f -> %s", method,
-             meta["thresholds"]["tau"], meta["train_metrics"]["pairwise_f"], output)
+    log.info("trained %s: tau=%.2f (train F on the input graph %.4f), tau2=%.2f (feature "
+             "graph %.4f) -> %s", method, meta["thresholds"]["tau"],
+             meta["train_metrics_input_graph"]["pairwise_f"], meta["thresholds"]["tau2"],
+             meta["train_metrics_feature_graph"]["pairwise_f"], output)
     return meta
