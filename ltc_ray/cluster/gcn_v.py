@@ -66,10 +66,15 @@ class GCNV(ClusterMethod):
     def score_halo(self, part):
         """Confidence ``(n,) float32``; with the feature pass also the hidden features
         ``(n, hidden)`` the pipeline writes and builds the second kNN graph from."""
+        import torch
+
         from ltc_ray.models.gcn_v import aggregate, predict
 
         agg = aggregate(part.adj, part.x_cols)
-        conf, hidden = predict(self.model(), part.x, agg, batch_rows=self.params.batch_rows)
+        # a partition actor sees a GPU only when the pipeline requested one for it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        conf, hidden = predict(self.model(), part.x, agg, batch_rows=self.params.batch_rows,
+                               device=device)
         conf = conf.astype(np.float32)
         return (conf, hidden) if self.feature_pass else conf
 

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ltc_ray.cluster.base import higher_ranked
 from ltc_ray.models.gcn_v import ROW_BLOCK, GraphConvConcat, as_tensor
 
 __all__ = [
@@ -35,20 +34,28 @@ __all__ = [
     "subgraph_batch",
 ]
 
-# choose_parents() pads a centre's subgraph to a multiple of this many slots, fixed by the
+# candidate_scores() pads a centre's subgraph to a multiple of this many slots, fixed by the
 # centre's own candidate count, and its batch so that batch x slots is a multiple of ROW_BLOCK:
-# a centre's result then never depends on the batch it lands in or on the other nodes.
-SLOT_BLOCK = 16
+# a centre's result then never depends on the batch it lands in or on the other nodes. 8 keeps
+# both paddings small (measured at rho 0.2: 21% more slots than candidates vs 47% with 16).
+SLOT_BLOCK = 8
 
 FeatsOf = Callable[[np.ndarray], np.ndarray]
 RowsOf = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class BatchedGraphConv(GraphConvConcat):
-    """GCN-V's ReLU([x ‖ A x] W + b) over a padded batch: x ``(B, S, in)``, A ``(B, S, S)``."""
+    """GCN-V's ReLU([x ‖ A x] W + b) over a padded batch: x ``(B, S, in)``, A ``(B, S, S)``.
+
+    Computed as x W_top + (A x) W_bottom + b on ``(B·S, ·)`` rows, without materialising the
+    concatenation (a quarter of the CPU time of a forward otherwise)."""
 
     def forward(self, x: Tensor, adj: Tensor) -> Tensor:
-        return torch.relu(torch.cat([x, torch.bmm(adj, x)], dim=-1) @ self.weight + self.bias)
+        b, s, n_in = x.shape
+        agg = torch.bmm(adj, x).reshape(b * s, n_in)
+        out = torch.addmm(self.bias, x.reshape(b * s, n_in), self.weight[:n_in])
+        out = out.addmm_(agg, self.weight[n_in:])
+        return torch.relu_(out).reshape(b, s, -1)
 
 
 class GCNE(nn.Module):
@@ -74,8 +81,8 @@ class GCNE(nn.Module):
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor) -> Tensor:
         """``x (B, S, in_dim)``, row-normalised ``adj (B, S, S)``, ``mask (B, S) bool`` (real
         slots) -> log-probabilities ``(B, S, 2)``; class 1 = "candidate has the centre's
-        identity". Padded slots are zeroed before every layer, so whatever they hold (even
-        NaN) never reaches a real slot; their outputs are meaningless."""
+        identity". Padded features and their adjacency rows and columns are zeroed first, so
+        whatever they hold (even NaN) never reaches a real slot; their outputs are meaningless."""
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(f"x {tuple(x.shape)} must be (B, S, {self.in_dim})")
         b, s, _ = x.shape
@@ -85,7 +92,7 @@ class GCNE(nn.Module):
         adj = torch.where(keep & keep.transpose(1, 2), adj, 0.0)
         h = torch.where(keep, x, 0.0)
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            h = torch.where(keep, conv(h, adj), 0.0)
+            h = conv(h, adj)  # padded rows stay finite and their adjacency columns are 0
         # PReLU's per-channel weights act on dim 1, so the head runs on (B·S, C) rows.
         logits = self.classifier(h.reshape(b * s, -1)).reshape(b, s, 2)
         return torch.log_softmax(logits, dim=-1)
@@ -134,6 +141,9 @@ def candidate_table(
         raise ValueError(f"conf_of_nodes {np.shape(conf_of_nodes)} must be ({n},)")
     if max_candidates is not None and max_candidates < 1:
         raise ValueError(f"max_candidates must be positive, got {max_candidates}")
+    # imported here: ltc_ray.cluster's package init imports methods that import this module
+    from ltc_ray.cluster.base import higher_ranked
+
     ids = knn_ids.astype(np.int64, copy=False)
     outranks = higher_ranked(
         node_ids, np.asarray(conf_of_nodes), ids, np.asarray(conf_of_neighbours)
@@ -194,24 +204,16 @@ def subgraph_batch(
     nbr_sims = np.asarray(nbr_sims, dtype=np.float32)
     if nbr_ids.ndim != 2 or len(nbr_ids) != len(uniq) or nbr_sims.shape != nbr_ids.shape:
         raise ValueError(f"rows_of returned {nbr_ids.shape}/{nbr_sims.shape} for {len(uniq)} ids")
-    k = nbr_ids.shape[1]
-    # Look up every edge j -> l of a candidate's kNN row among the same centre's candidates,
-    # on combined keys (centre, id): one sort of the candidates, one search for all edges.
-    span = int(max(uniq[-1], nbr_ids.max(initial=0))) + 1
-    keys = owner * span + ids
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    e_owner = np.repeat(owner, k)
-    e_from = np.repeat(slot, k)
-    e_to_id = nbr_ids[inv].reshape(-1)
-    e_sim = nbr_sims[inv].reshape(-1)
-    valid = (e_to_id >= 0) & (e_sim >= 0) & (e_to_id != np.repeat(ids, k))
-    e_keys = e_owner[valid] * span + e_to_id[valid]
-    pos = np.minimum(np.searchsorted(sorted_keys, e_keys), len(sorted_keys) - 1)
-    hit = sorted_keys[pos] == e_keys
-    e_to = slot[order[pos[hit]]]
-    flat = (e_owner[valid][hit] * s + e_from[valid][hit]) * s + e_to
-    np.maximum.at(adj.reshape(-1), flat, e_sim[valid][hit])
+    # Every edge j -> l of a candidate's kNN row, looked up among the same centre's
+    # candidates: l -> its index u among the batch's candidate ids, then (centre, u) -> slot.
+    to_u = _index_in(uniq, nbr_ids)[inv]  # (m, k), -1 when l is nobody's candidate
+    slot_of = np.full((b, len(uniq)), -1, dtype=np.int32)
+    slot_of[owner, inv] = slot
+    to_slot = np.where(to_u >= 0, slot_of[owner[:, None], np.maximum(to_u, 0)], -1)
+    sims = nbr_sims[inv]
+    r, c = np.nonzero((to_slot >= 0) & (sims >= 0) & (to_u != inv[:, None]))
+    flat = (owner[r] * s + slot[r]) * s + to_slot[r, c]
+    np.maximum.at(adj.reshape(-1), flat, sims[r, c])  # max over repeated entries
 
     np.maximum(adj, adj.transpose(0, 2, 1), out=adj)
     adj[owner, slot, slot] = 1.0
@@ -219,6 +221,18 @@ def subgraph_batch(
     degree[degree <= 0] = 1.0
     adj /= degree[:, :, None].astype(np.float32)
     return x, adj, mask
+
+
+def _index_in(sorted_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Index of each ``query`` id in ``sorted_ids`` (unique), -1 when absent or negative:
+    a lookup table when ids are small enough, else a binary search."""
+    top = int(sorted_ids[-1]) if len(sorted_ids) else -1
+    if top + 1 <= 4 * query.size + 2**22:
+        table = np.full(top + 2, -1, dtype=np.int64)  # the extra last cell answers "absent"
+        table[sorted_ids] = np.arange(len(sorted_ids))
+        return table[np.where((query >= 0) & (query <= top), query, top + 1)]
+    pos = np.minimum(np.searchsorted(sorted_ids, query), len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == query, pos, -1)
 
 
 def _bucket(count: np.ndarray) -> np.ndarray:

@@ -81,7 +81,11 @@ def as_tensor(a: np.ndarray) -> Tensor:
 
 @torch.no_grad()
 def predict(
-    model: GCNV, x_rows: np.ndarray, agg_rows: np.ndarray, batch_rows: int = 65536
+    model: GCNV,
+    x_rows: np.ndarray,
+    agg_rows: np.ndarray,
+    batch_rows: int = 65536,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Confidences ``(t,) float32`` and hidden features ``(t, hidden) float32`` of ``t`` rows.
 
@@ -89,6 +93,8 @@ def predict(
     rows at a time (memory ≈ batch_rows · (2·in_dim + 3·hidden) · 4 bytes on top of the
     outputs); each batch is zero-padded to a multiple of :data:`ROW_BLOCK` rows so the result
     is bitwise independent of ``batch_rows`` and of where a row sits in its batch.
+    ``device`` runs the batches there (e.g. ``"cuda"`` on a GPU worker); the model is moved
+    there for the call and back afterwards.
     """
     if x_rows.ndim != 2 or x_rows.shape != agg_rows.shape or x_rows.shape[1] != model.in_dim:
         raise ValueError(
@@ -100,7 +106,9 @@ def predict(
     conf = np.empty(t, dtype=np.float32)
     hidden = np.empty((t, model.hidden), dtype=np.float32)
     was_training = model.training
+    home = next(model.parameters()).device
     model.eval()
+    model.to(device)
     try:
         for lo in range(0, t, batch_rows):
             hi = min(lo + batch_rows, t)
@@ -109,9 +117,10 @@ def predict(
             ab = torch.zeros(padded, model.in_dim)
             xb[: hi - lo] = as_tensor(x_rows[lo:hi])
             ab[: hi - lo] = as_tensor(agg_rows[lo:hi])
-            c, h = model(xb, ab)
-            conf[lo:hi] = c[: hi - lo].numpy()
-            hidden[lo:hi] = h[: hi - lo].numpy()
+            c, h = model(xb.to(device), ab.to(device))
+            conf[lo:hi] = c[: hi - lo].cpu().numpy()
+            hidden[lo:hi] = h[: hi - lo].cpu().numpy()
     finally:
+        model.to(home)
         model.train(was_training)
     return conf, hidden

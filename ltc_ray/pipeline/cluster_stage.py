@@ -90,6 +90,7 @@ def run_cluster_stage(
     info: FeatureInfo | None = None,
     feature_dir: str | None = None,
     link_manifest: KnnManifest | None = None,
+    gpus: float = 0.0,
 ) -> ClusterRefs:
     """Score, link and merge; returns refs (the driver never materialises N-sized data).
 
@@ -100,7 +101,7 @@ def run_cluster_stage(
     ranges = partition_ranges(manifest.n_rows, cfg, cpus)
     if scores is None or len(scores) != len(ranges):
         scores, _ = score_stage(method, manifest, ranges, cpus, storage_options, stage_log,
-                                info=info, feature_dir=feature_dir)
+                                info=info, feature_dir=feature_dir, gpus=gpus)
     return link_merge_stage(method, link_manifest or manifest, ranges, scores, cfg,
                             storage_options, stage_log)
 
@@ -114,6 +115,7 @@ def score_stage(
     stage_log,
     info: FeatureInfo | None = None,
     feature_dir: str | None = None,
+    gpus: float = 0.0,
 ) -> tuple[list, list]:
     """Per-partition scores (refs); for halo methods also the per-partition entries of
     node features written to ``feature_dir`` (when the method emits them)."""
@@ -125,7 +127,7 @@ def score_stage(
             if info is None:
                 raise ValueError(f"method {method.name} needs the features (info)")
             scores, stat_refs, actors = score_with_halo(method, info, manifest, ranges, cpus,
-                                                        feature_dir)
+                                                        feature_dir, gpus)
             stats = wait_all(stat_refs, f"score ({method.name})", "partition")
             for actor in actors:
                 ray.kill(actor)

@@ -118,7 +118,7 @@ class PartitionActor:
 
 def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
                     ranges: list[tuple[int, int]], cpus: float,
-                    feature_dir: str | None = None) -> tuple[list, list, list]:
+                    feature_dir: str | None = None, gpus: float = 0.0) -> tuple[list, list, list]:
     """Start one actor per partition and score every partition.
 
     Returns (score refs, stat refs, actors); kill the actors once the stats are in
@@ -126,8 +126,11 @@ def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
     """
     n_parts = len(ranges)
     share = max(cpus / n_parts, 0.01)
+    # GPUs only when the cluster has them (a GPU request on a CPU-only cluster never runs)
+    gpu_share = min(1.0, gpus / n_parts) if gpus else 0.0
     actors = [
-        PartitionActor.options(num_cpus=share).remote(lo, hi, info, manifest, max(1, int(share)))
+        PartitionActor.options(num_cpus=share, num_gpus=gpu_share).remote(
+            lo, hi, info, manifest, max(1, int(share)))
         for lo, hi in ranges
     ]
     bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)

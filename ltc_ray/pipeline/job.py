@@ -189,13 +189,15 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
     node features, gets a second sharded kNN graph over them and links on that graph."""
     cfg, so = spec.config, spec.storage_options
     cpus = float(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0)) if cfg.knn.gpu == "auto" else 0.0
     if not getattr(method, "feature_pass", False):
-        return run_cluster_stage(method, manifest, cfg.cluster, cpus, so, stages, info=info)
+        return run_cluster_stage(method, manifest, cfg.cluster, cpus, so, stages, info=info,
+                                 gpus=gpus)
     work = spec.resolved_work_dir
     feature_dir = join_uri(work, "node-features")
     ranges = partition_ranges(manifest.n_rows, cfg.cluster, cpus)
     scores, parts = score_stage(method, manifest, ranges, cpus, so, stages, info=info,
-                                feature_dir=feature_dir)
+                                feature_dir=feature_dir, gpus=gpus)
     parts_uri = join_uri(feature_dir, "features.parts.json")
     write_parts_manifest(parts_uri, method.hidden, parts, so)
     feature_info = inspect_features(parts_uri, storage_options=so)
