@@ -77,8 +77,8 @@ def _config(args: argparse.Namespace):
     overrides = list(args.set or [])
     if getattr(args, "method", None):
         overrides.append(f"method={args.method}")
-    if getattr(args, "model", None):
-        overrides.append(f"methods.gcn-v.model={args.model}")
+    if getattr(args, "model", None):  # whichever learned method runs reads its own key
+        overrides += [f"methods.gcn-v.model={args.model}", f"methods.gcn-ve.model={args.model}"]
     if args.dim is not None:
         overrides.append(f"dim={args.dim}")
     return load_config(args.config, overrides)
@@ -265,8 +265,11 @@ def train_parser() -> argparse.ArgumentParser:
         "directory (weights + model.json with the thresholds tuned on that split).",
     )
     _add_input_args(p, "labels (.meta); --part finds them itself")
-    p.add_argument("--method", required=True, help="gcn-v")
+    p.add_argument("--method", required=True, help="gcn-v or gcn-ve (GCN-V, then GCN-E)")
     p.add_argument("--output", required=True, help="model directory URI to write")
+    p.add_argument("--edge-epochs", type=int, help="gcn-ve: GCN-E training epochs (default 4)")
+    p.add_argument("--rho", type=float, default=0.2,
+                   help="gcn-ve: share of most confident nodes that use GCN-E (default 0.2)")
     p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
     p.add_argument("--config", help="YAML config (kNN settings)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -298,13 +301,29 @@ def train_main(argv: Sequence[str]) -> int:
             if value < 0 or (value == 0 and flag != "batch_rows"):
                 raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
             setattr(train_cfg, attr, value)
+    if not 0.0 <= args.rho <= 1.0:
+        raise InputError("--rho", f"is a share in [0, 1], got {args.rho}")
+    edge_cfg = None
+    if args.method == "gcn-ve":
+        from ltc_ray.models.train_e import TrainEConfig
+
+        edge_cfg = TrainEConfig(seed=cfg.seed)
+        if args.edge_epochs is not None:
+            if args.edge_epochs <= 0:
+                raise InputError("--edge-epochs", f"must be positive, got {args.edge_epochs}")
+            edge_cfg.epochs = args.edge_epochs
     meta = train(args.method, features, labels, args.output, cfg, train_cfg, knn=knn,
                  work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
-                 storage_options=_storage_options(args.storage_options))
+                 storage_options=_storage_options(args.storage_options), edge_cfg=edge_cfg,
+                 rho=args.rho)
     m = meta["train_metrics"]
-    print(f"{args.method} trained on {features}: tau={meta['thresholds']['tau']:.2f}, "
-          f"train pairwise F {100 * m['pairwise_f']:.2f}, BCubed F {100 * m['bcubed_f']:.2f} "
-          f"-> {args.output}")
+    print(f"gcn-v trained on {features}: tau={meta['thresholds']['tau']:.2f}, "
+          f"train pairwise F {100 * m['pairwise_f']:.2f}, BCubed F {100 * m['bcubed_f']:.2f}")
+    if "gcn_e" in meta:
+        e = meta["gcn_e"]
+        print(f"gcn-e trained: rho={e['rho']:.2f}, tau={e['thresholds']['tau']:.2f}, train "
+              f"pairwise F {100 * e['train_metrics']['pairwise_f']:.2f}")
+    print(f"model: {args.output}")
     return EXIT_OK
 
 

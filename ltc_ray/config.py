@@ -67,10 +67,22 @@ class GCNVParams:
 
 
 @dataclass
+class GCNVEParams:
+    """GCN-V + GCN-E: a model directory from ``jobs/train.py --method gcn-ve``."""
+
+    model: str = ""  # directory holding gcn-v/ and gcn-e/ (required; --model URI)
+    rho: float | None = None  # share of most confident nodes that use GCN-E; None = trained
+    tau: float | None = None  # keep a parent edge when cosine (GCN features) > tau
+    batch_rows: int = 65536  # GCN-V inference rows per forward pass
+    batch_size: int = 256  # GCN-E candidate subgraphs per forward pass
+
+
+@dataclass
 class MethodsConfig:
     knn_cc: KnnCCParams = field(default_factory=KnnCCParams)
     density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
     gcn_v: GCNVParams = field(default_factory=GCNVParams)
+    gcn_ve: GCNVEParams = field(default_factory=GCNVEParams)
 
 
 @dataclass
@@ -105,7 +117,7 @@ _CHOICES = {
 
 
 def _yaml_name(name: str) -> str:
-    return name.replace("_", "-") if name in ("knn_cc", "density_peak", "gcn_v") else name
+    return name.replace("_", "-") if name in ("knn_cc", "density_peak", "gcn_v", "gcn_ve") else name
 
 
 def _to_yaml_names(tree: Any) -> Any:
@@ -209,6 +221,8 @@ def validate(cfg: Config) -> Config:
         "cluster.partition_rows": cfg.cluster.partition_rows,
         "methods.density-peak.neighbors": cfg.methods.density_peak.neighbors,
         "methods.gcn-v.batch_rows": cfg.methods.gcn_v.batch_rows,
+        "methods.gcn-ve.batch_rows": cfg.methods.gcn_ve.batch_rows,
+        "methods.gcn-ve.batch_size": cfg.methods.gcn_ve.batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -226,10 +240,13 @@ def validate(cfg: Config) -> Config:
     if cfg.knn.k < 2:
         raise InputError("config knn.k", f"must be >= 2 (self + 1 neighbour), got {cfg.knn.k}")
     for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau",
-                "methods.gcn-v.tau2"):
+                "methods.gcn-v.tau2", "methods.gcn-ve.tau"):
         value = _get(cfg, key)
         if value is not None and not -1.0 <= value <= 1.0:
             raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")
+    rho = cfg.methods.gcn_ve.rho
+    if rho is not None and not 0.0 <= rho <= 1.0:
+        raise InputError("config methods.gcn-ve.rho", f"is a share in [0, 1], got {rho}")
     return cfg
 
 

@@ -254,3 +254,75 @@ def test_feature_pass_links_on_a_gcn_feature_graph(trained, tmp_path, capsys):
         assert (tmp_path / f"w{parts}" / "node-features" / "features.parts.json").exists()
         results.append(read_clusters(str(out)).column("cluster_id").to_numpy())
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
+    """gcn-ve end to end: GCN-V then GCN-E trained by one command; GCN-E linking on link
+    actors that fetch candidates' features and kNN rows gives the same clusters for 1 and
+    3 partitions."""
+    from ltc_ray.io.output import read_clusters
+
+    root, _ = trained
+    model = tmp_path / "ve"
+    code = main(
+        [
+            "train",
+            "--method",
+            "gcn-ve",
+            "--part",
+            "0",
+            "--data-root",
+            str(root),
+            "--output",
+            str(model),
+            "--set",
+            "knn.k=20",
+            "--epochs",
+            "20",
+            "--hidden",
+            "64",
+            "--edge-epochs",
+            "1",
+            "--work-dir",
+            str(tmp_path / "train.work"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    edge_meta = json.loads((model / "gcn-e" / "model.json").read_text())
+    assert edge_meta["method"] == "gcn-e" and edge_meta["in_dim"] == 64
+    assert 0.3 <= edge_meta["thresholds"]["tau"] <= 0.95 and edge_meta["rho"] == 0.2
+    assert (model / "gcn-v" / "model.json").exists()
+    results = []
+    for parts in (1, 3):
+        out = tmp_path / f"out{parts}"
+        code = main(
+            [
+                "cluster",
+                "--part",
+                "1",
+                "--data-root",
+                str(root),
+                "--method",
+                "gcn-ve",
+                "--model",
+                str(model),
+                "--set",
+                "knn.k=20",
+                "--set",
+                f"cluster.partitions={parts}",
+                "--output",
+                str(out),
+                "--work-dir",
+                str(tmp_path / f"w{parts}"),
+            ]
+        )
+        assert code == 0, capsys.readouterr().err
+        run = json.loads((out / "run.json").read_text())
+        assert run["stages"]["knn_features"]["rows"] == run["n_samples"]
+        assert run["stages"]["link"]["model_threshold"] > 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["pairwise_f"] > 0.2
+        table = read_clusters(str(out))
+        results.append([table.column(c).to_numpy() for c in ("cluster_id", "parent", "score")])
+    for a, b in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(a, b)

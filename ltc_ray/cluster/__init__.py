@@ -1,6 +1,11 @@
 """Clustering methods (one protocol, a registry) and the global merge."""
 
-from ltc_ray.cluster import density_peak, gcn_v, knn_cc  # noqa: F401  (register the methods)
+from ltc_ray.cluster import (  # noqa: F401  (register the methods)
+    density_peak,
+    gcn_v,
+    gcn_ve,
+    knn_cc,
+)
 from ltc_ray.cluster.base import (
     REGISTRY,
     ClusterMethod,

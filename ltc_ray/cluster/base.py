@@ -52,6 +52,9 @@ class ClusterMethod(abc.ABC):
     # Halo methods (graph models) score with ``score_halo`` on partition actors that fetch
     # their neighbours' features and reverse edges; the others use ``score`` on their rows.
     needs_halo: ClassVar[bool] = False
+    # Methods whose link needs neighbours' features and kNN rows (GCN-E) link with
+    # ``link_halo`` on actors over the feature graph instead of ``link`` in tasks.
+    needs_link_halo: ClassVar[bool] = False
 
     def __init__(self, params: Any, k: int):
         self.params = params

@@ -20,7 +20,7 @@ from ltc_ray.cluster.components import merge_edges, representatives, spanning_fo
 from ltc_ray.config import ClusterConfig
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo
-from ltc_ray.pipeline.halo import score_with_halo
+from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
 
 log = logging.getLogger("ltc_ray")
@@ -57,6 +57,13 @@ def _link_partition(method: ClusterMethod, manifest: KnnManifest, start: int, st
     stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
              "peak_rss": peak_rss_bytes()}
     return result.parent, edges, stats
+
+
+@ray.remote
+def _confidence_quantile(rho: float, *score_parts) -> float:
+    from ltc_ray.models.gcn_e import confidence_quantile
+
+    return confidence_quantile(np.concatenate(score_parts), rho)
 
 
 @ray.remote(num_returns=3, max_retries=3)
@@ -154,23 +161,34 @@ def link_merge_stage(
     cfg: ClusterConfig,
     storage_options: dict | None,
     stage_log,
+    info: FeatureInfo | None = None,
+    cpus: float = 1.0,
 ) -> ClusterRefs:
-    """Link every partition given all scores, then the global merge."""
+    """Link every partition given all scores, then the global merge. Methods that link
+    with a two-hop halo (GCN-E) link on actors over ``manifest``'s rows of ``info``."""
     n = manifest.n_rows
     so = storage_options
-    method_ref = ray.put(method)
     merge_mode = cfg.merge
     if merge_mode == "auto":
         merge_mode = "local" if n * (manifest.k - 1) <= cfg.merge_local_max_edges else "forest"
+    forest = merge_mode == "forest"
     with stage_log.stage("link", rows=n) as rec:
-        triples = [
-            _link_partition.remote(method_ref, manifest, lo, hi, so, merge_mode == "forest",
-                                   *scores)
-            for lo, hi in ranges
-        ]
-        parents = [t[0] for t in triples]
-        edges = [t[1] for t in triples]
-        stats = wait_all([t[2] for t in triples], f"link ({method.name})", "partition")
+        actors = []
+        if method.needs_link_halo:
+            threshold = ray_get(_confidence_quantile.remote(method.rho, *scores))
+            parents, edges, stat_refs, actors = link_with_halo(
+                method, info, manifest, ranges, cpus, scores, forest, threshold)
+            rec.extra["model_threshold"] = threshold
+        else:
+            method_ref = ray.put(method)
+            triples = [_link_partition.remote(method_ref, manifest, lo, hi, so, forest, *scores)
+                       for lo, hi in ranges]
+            parents = [t[0] for t in triples]
+            edges = [t[1] for t in triples]
+            stat_refs = [t[2] for t in triples]
+        stats = wait_all(stat_refs, f"link ({method.name})", "partition")
+        for actor in actors:
+            ray.kill(actor)
         rec.worker_peak_rss_bytes = max(s["peak_rss"] for s in stats)
         rec.extra.update(
             edges=sum(s["edges"] for s in stats),

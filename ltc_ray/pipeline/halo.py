@@ -138,3 +138,86 @@ def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
     pairs = [a.score.options(num_returns=2).remote(method_ref, actors, bounds, i, feature_dir)
              for i, a in enumerate(actors)]
     return [p[0] for p in pairs], [p[1] for p in pairs], actors
+
+
+@ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=4)
+class LinkActor:
+    """Owns rows ``[start, stop)`` of a feature graph (e.g. GCN-V features, k = 160) and
+    links them with a method that looks two hops out (GCN-E: candidates' features and
+    their own kNN rows), fetched from the owning actors."""
+
+    def __init__(self, start: int, stop: int, info: FeatureInfo, manifest: KnnManifest,
+                 threads: int = 1):
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        except ImportError:  # pragma: no cover
+            pass
+        so = info.storage_options
+        self.start, self.stop = start, stop
+        self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
+        self.x = read_features(info, start, stop)
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features and kNN rows of owned nodes ``ids``."""
+        local = np.asarray(ids, dtype=np.int64) - self.start
+        return self.x[local], self.knn_ids[local], self.knn_sims[local]
+
+    def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
+             threshold: float, *score_parts):
+        """``(parent, edges, stats)`` of the owned nodes, as the link tasks return."""
+        from ltc_ray.cluster.components import spanning_forest
+        from ltc_ray.cluster.gcn_ve import LinkHaloPartition
+
+        scores = np.concatenate(score_parts)
+        ids = self.knn_ids[self.knn_ids >= 0].astype(np.int64)
+        needed = np.unique(np.concatenate([ids, np.arange(self.start, self.stop)]))
+        owner = np.searchsorted(bounds, needed, side="right") - 1
+        feats = np.empty((len(needed), self.x.shape[1]), dtype=np.float32)
+        rows_ids = np.empty((len(needed), self.knn_ids.shape[1]), dtype=self.knn_ids.dtype)
+        rows_sims = np.empty((len(needed), self.knn_ids.shape[1]), dtype=np.float32)
+        wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner)]
+        fetched = ray.get([
+            actors[p].rows.remote(needed[pos]) if p != index else ray.put(self.rows(needed[pos]))
+            for p, pos in wanted
+        ])
+        for (_, pos), (f, ri, rs) in zip(wanted, fetched, strict=True):
+            feats[pos], rows_ids[pos], rows_sims[pos] = f, ri, rs
+
+        def lookup(query: np.ndarray) -> np.ndarray:
+            pos = np.searchsorted(needed, query)
+            if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)]
+                                               != query).any():
+                raise KeyError("a node outside the fetched neighbourhood was requested")
+            return pos
+
+        part = LinkHaloPartition(
+            self.start, self.stop, self.knn_ids, self.knn_sims,
+            feats_of=lambda q: feats[lookup(np.asarray(q, dtype=np.int64))],
+            rows_of=lambda q: (rows_ids[lookup(np.asarray(q, dtype=np.int64))],
+                               rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
+        )
+        result = method.link_halo(part, scores, threshold)
+        edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
+        stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
+                 "halo": int(len(needed) - (self.stop - self.start)),
+                 "peak_rss": peak_rss_bytes()}
+        return result.parent, edges, stats
+
+
+def link_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
+                   ranges: list[tuple[int, int]], cpus: float, scores: list, forest: bool,
+                   threshold: float) -> tuple[list, list, list, list]:
+    """One :class:`LinkActor` per partition; returns (parent refs, edge refs, stat refs,
+    actors) — kill the actors once the stats are in."""
+    share = max(cpus / len(ranges), 0.01)
+    actors = [LinkActor.options(num_cpus=share).remote(lo, hi, info, manifest,
+                                                       max(1, int(share)))
+              for lo, hi in ranges]
+    bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
+    method_ref = ray.put(method)
+    triples = [a.link.options(num_returns=3).remote(method_ref, actors, bounds, i, forest,
+                                                    threshold, *scores)
+               for i, a in enumerate(actors)]
+    return [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples], actors

@@ -7,6 +7,7 @@ feature matrix or the N*k graph.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -201,12 +202,19 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
     parts_uri = join_uri(feature_dir, "features.parts.json")
     write_parts_manifest(parts_uri, method.hidden, parts, so)
     feature_info = inspect_features(parts_uri, storage_options=so)
+    knn_cfg = dataclasses.replace(cfg.knn, k=getattr(method, "feature_k", cfg.knn.k))
+    # the graph to link on: over the GCN features (GCN-V's pass b) or, for a method that
+    # only needs those features as node inputs, over the input features with its own k
+    on_input = getattr(method, "edge_graph", "features") == "input"
     with stages.stage("knn_features", rows=info.n_rows) as rec:
-        graph, knn_stats = build_knn_graph(feature_info, cfg.knn, join_uri(work, "knn-features"),
-                                           resources, cfg.seed)
+        graph, knn_stats = build_knn_graph(
+            info if on_input else feature_info, knn_cfg,
+            join_uri(work, f"knn-{'input' if on_input else 'features'}-k{knn_cfg.k}"),
+            resources, cfg.seed)
         rec.worker_peak_rss_bytes = knn_stats.pop("worker_peak_rss_bytes", 0)
         rec.extra.update(knn_stats)
-    return link_merge_stage(method, graph, ranges, scores, cfg.cluster, so, stages)
+    return link_merge_stage(method, graph, ranges, scores, cfg.cluster, so, stages,
+                            info=feature_info, cpus=cpus)
 
 
 def _versions() -> dict[str, str]:

@@ -7,6 +7,7 @@ carries every threshold it needs and test labels are never looked at.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict
@@ -35,7 +36,8 @@ from ltc_ray.pipeline.knn_stage import build_knn_graph
 from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
-TRAINABLE = ("gcn-v",)
+TRAINABLE = ("gcn-v", "gcn-ve")
+EDGE_K = 160  # GCN-E's kNN size on the GCN-V features (learn-to-cluster's setting)
 TAU_GRID = (0.30, 0.95, 0.01)
 
 
@@ -138,6 +140,53 @@ def _finish_gcn_v(meta: dict, model, confidence: np.ndarray, graph: KnnManifest,
     return meta
 
 
+@ray.remote
+def _train_gcn_e(feature_info: FeatureInfo, graph: KnnManifest, confidence: np.ndarray,
+                 labels_uri: str, output: str, cfg, rho: float, threads: int) -> dict:
+    """Train GCN-E on the training split's GCN-V features; tune its tau on the same split."""
+    import torch
+
+    from ltc_ray.models.gcn_e import choose_parents, confidence_quantile
+    from ltc_ray.models.store import save_gcn_e
+    from ltc_ray.models.train_e import train_gcn_e
+
+    torch.set_num_threads(max(1, threads))
+    so = feature_info.storage_options
+    n = feature_info.n_rows
+    t0 = time.perf_counter()
+    h = read_features(feature_info, 0, n)
+    knn_ids, knn_sims = read_knn_rows(graph, 0, n, so)
+    ids = knn_ids.astype(np.int64)
+    labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
+    model, history = train_gcn_e(h, confidence, ids, knn_sims, labels, cfg)
+    threshold = confidence_quantile(confidence, rho)
+    parent = choose_parents(model, np.arange(n), confidence, ids, knn_sims,
+                            confidence[np.maximum(ids, 0)], confidence >= threshold,
+                            lambda q: h[q], lambda q: (ids[q], knn_sims[q]))
+    has = parent >= 0
+    sim = knn_sims[np.arange(n), np.argmax(ids == parent[:, None], axis=1)]
+    nodes = np.arange(n)
+    scores: dict[float, dict] = {}
+    for tau in np.round(np.arange(0.30, 0.951, 0.01), 2):
+        keep = has & (sim > tau)
+        cid, _, _ = merge_edges(n, [(nodes[keep], parent[keep])])
+        scores[float(tau)] = evaluate(labels, cid)
+    tau = max(sorted(scores), key=lambda t: scores[t]["pairwise_f"])
+    meta = {
+        "k": int(graph.k),
+        "rho": rho,
+        "thresholds": {"tau": tau},
+        "train_metrics": scores[tau],
+        "tau_search": {f"{t:.2f}": round(m["pairwise_f"], 5) for t, m in scores.items()},
+        "train_config": asdict(cfg),
+        "history": history,
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    save_gcn_e(output, model, meta, so)
+    return meta
+
+
 def train(
     method: str,
     features: str,
@@ -150,11 +199,15 @@ def train(
     overwrite: bool = False,
     num_cpus: int | None = None,
     storage_options: dict | None = None,
+    edge_cfg=None,
+    rho: float = 0.2,
 ) -> dict:
-    """Train ``method`` on a labelled split and write the model directory to ``output``."""
+    """Train ``method`` on a labelled split and write the model directory to ``output``
+    (gcn-ve: ``output/gcn-v`` and ``output/gcn-e``)."""
     if method not in TRAINABLE:
         raise InputError("--method", f"cannot train '{method}'; trainable: {', '.join(TRAINABLE)}")
-    if uri_exists(join_uri(output, "model.json"), storage_options) and not overwrite:
+    v_output = join_uri(output, "gcn-v") if method == "gcn-ve" else output
+    if uri_exists(join_uri(v_output, "model.json"), storage_options) and not overwrite:
         raise InputError(output, "already holds a model; pass --overwrite")
     spec = JobSpec(features=features, labels=labels, knn=knn, output=output, config=config,
                    work_dir=work_dir or output.rstrip("/") + ".work", num_cpus=num_cpus,
@@ -180,8 +233,23 @@ def train(
                                    join_uri(spec.resolved_work_dir, "knn-features"), resources,
                                    config.seed)
     with stages.stage("tune_feature_pass", rows=info.n_rows):
-        meta = ray_get(_finish_gcn_v.remote(meta_ref, model_ref, conf_ref, graph, labels, output,
+        meta = ray_get(_finish_gcn_v.remote(meta_ref, model_ref, conf_ref, graph, labels, v_output,
                                             so))
+    if method == "gcn-ve":
+        from ltc_ray.models.train_e import TrainEConfig
+
+        edge_cfg = edge_cfg or TrainEConfig(seed=config.seed)
+        knn_e = dataclasses.replace(config.knn, k=min(EDGE_K, info.n_rows - 1))
+        with stages.stage("knn_edge_graph", rows=info.n_rows):
+            graph_e, _ = build_knn_graph(info, knn_e,
+                                         join_uri(spec.resolved_work_dir, f"knn-input-k{knn_e.k}"),
+                                         resources, config.seed)
+        with stages.stage("train_e", rows=info.n_rows):
+            meta["gcn_e"] = ray_get(_train_gcn_e.options(num_cpus=cpus).remote(
+                feature_info, graph_e, conf_ref, labels, join_uri(output, "gcn-e"), edge_cfg, rho,
+                cpus))
+        log.info("trained gcn-e: rho=%.2f tau=%.2f, train pairwise F %.4f", rho,
+                 meta["gcn_e"]["thresholds"]["tau"], meta["gcn_e"]["train_metrics"]["pairwise_f"])
     meta["stages"] = stages.to_dict()
     log.info("trained %s: tau=%.2f (train F on the input graph %.4f), tau2=%.2f (feature "
              "graph %.4f) -> %s", method, meta["thresholds"]["tau"],
