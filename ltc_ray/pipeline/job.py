@@ -217,6 +217,16 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
                             info=feature_info, cpus=cpus)
 
 
+def inputs_and_graph(spec: JobSpec):
+    """Header checks, Ray, the parallel validation and the kNN graph: what every job over a
+    labelled or unlabelled split does first. Returns (info, resources, stages, manifest)."""
+    info = preflight_inputs(spec)
+    resources = init_ray(spec.num_cpus)
+    stages = StageLog()
+    validate_inputs(spec, info, resources, stages)
+    return info, resources, stages, knn_stage(spec, info, resources, stages)
+
+
 def _versions() -> dict[str, str]:
     out = {"ltc_ray": __version__, "python": platform.python_version()}
     for pkg in ("ray", "faiss-cpu", "faiss-gpu", "numpy", "scipy", "pyarrow", "fsspec"):

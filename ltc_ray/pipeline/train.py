@@ -31,9 +31,9 @@ from ltc_ray.io.features import (
 from ltc_ray.io.fs import join_uri, uri_exists
 from ltc_ray.io.labels import read_labels
 from ltc_ray.metrics import evaluate, pairwise_prf
-from ltc_ray.pipeline.job import JobSpec, knn_stage, preflight_inputs, validate_inputs
+from ltc_ray.pipeline.job import JobSpec, inputs_and_graph
 from ltc_ray.pipeline.knn_stage import build_knn_graph
-from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get
+from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
 TRAINABLE = ("gcn-v", "gcn-ve")
@@ -41,29 +41,40 @@ EDGE_K = 160  # GCN-E's kNN size on the GCN-V features (learn-to-cluster's setti
 TAU_GRID = (0.30, 0.95, 0.01)
 
 
-def tune_tau(knn_ids: np.ndarray, knn_sims: np.ndarray, confidence: np.ndarray,
-             labels: np.ndarray, grid: tuple[float, float, float] = TAU_GRID) -> tuple[float, dict]:
-    """Best linking threshold on the training split (pairwise F), coarse then fine."""
+def tune_threshold(labels: np.ndarray, edges_at, grid: tuple[float, float, float] = TAU_GRID
+                   ) -> tuple[float, dict[float, float]]:
+    """Best link threshold on the training split by pairwise F, coarse then fine.
+
+    ``edges_at(tau) -> (src, dst)`` gives the parent edges kept at ``tau``.
+    """
     n = len(labels)
-    part = PartitionInput(0, n, knn_ids, knn_sims)
     low, high, step = grid
     scores: dict[float, float] = {}
 
     def trial(tau: float) -> float:
-        tau = round(tau, 6)
+        tau = round(float(tau), 6)
         if tau not in scores:
-            link = link_to_nearest_higher(part, confidence, tau)
-            cid, _, _ = merge_edges(n, [(link.src, link.dst)])
+            cid, _, _ = merge_edges(n, [edges_at(tau)])
             scores[tau] = pairwise_prf(labels, cid)[2]
         return scores[tau]
 
-    coarse = np.arange(low, high + 1e-9, step * 5)
-    best = max(coarse, key=trial)
+    best = max(np.arange(low, high + 1e-9, step * 5), key=trial)
     for tau in np.arange(best - 4 * step, best + 4 * step + 1e-9, step):
         if low - 1e-9 <= tau <= high + 1e-9:
             trial(tau)
-    best = max(sorted(scores), key=lambda t: scores[t])
-    return float(best), scores
+    return float(max(sorted(scores), key=lambda t: scores[t])), scores
+
+
+def tune_tau(knn_ids: np.ndarray, knn_sims: np.ndarray, confidence: np.ndarray,
+             labels: np.ndarray) -> tuple[float, dict[float, float]]:
+    """The nearest-higher linking threshold (GCN-V) tuned on the training split."""
+    part = PartitionInput(0, len(labels), knn_ids, knn_sims)
+
+    def edges_at(tau: float):
+        link = link_to_nearest_higher(part, confidence, tau)
+        return link.src, link.dst
+
+    return tune_threshold(labels, edges_at)
 
 
 def _link_and_score(knn_ids, knn_sims, confidence, labels, tau) -> dict:
@@ -166,18 +177,20 @@ def _train_gcn_e(feature_info: FeatureInfo, graph: KnnManifest, confidence: np.n
     has = parent >= 0
     sim = knn_sims[np.arange(n), np.argmax(ids == parent[:, None], axis=1)]
     nodes = np.arange(n)
-    scores: dict[float, dict] = {}
-    for tau in np.round(np.arange(0.30, 0.951, 0.01), 2):
+
+    def edges_at(tau: float):
         keep = has & (sim > tau)
-        cid, _, _ = merge_edges(n, [(nodes[keep], parent[keep])])
-        scores[float(tau)] = evaluate(labels, cid)
-    tau = max(sorted(scores), key=lambda t: scores[t]["pairwise_f"])
+        return nodes[keep], parent[keep]
+
+    tau, scores = tune_threshold(labels, edges_at)
+    cid, _, _ = merge_edges(n, [edges_at(tau)])
+    train_metrics = evaluate(labels, cid)
     meta = {
         "k": int(graph.k),
         "rho": rho,
         "thresholds": {"tau": tau},
-        "train_metrics": scores[tau],
-        "tau_search": {f"{t:.2f}": round(m["pairwise_f"], 5) for t, m in scores.items()},
+        "train_metrics": train_metrics,
+        "tau_search": {f"{t:.2f}": round(f, 5) for t, f in sorted(scores.items())},
         "train_config": asdict(cfg),
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
@@ -212,11 +225,7 @@ def train(
     spec = JobSpec(features=features, labels=labels, knn=knn, output=output, config=config,
                    work_dir=work_dir or output.rstrip("/") + ".work", num_cpus=num_cpus,
                    storage_options=storage_options)
-    info = preflight_inputs(spec)
-    resources = init_ray(num_cpus)
-    stages = StageLog()
-    validate_inputs(spec, info, resources, stages)
-    manifest = knn_stage(spec, info, resources, stages)
+    info, resources, stages, manifest = inputs_and_graph(spec)
     cpus = max(1, int(resources.get("CPU", 1)))
     so = storage_options
     feature_dir = join_uri(spec.resolved_work_dir, "node-features")

@@ -17,15 +17,8 @@ from ltc_ray.config import Config, set_key
 from ltc_ray.errors import InputError
 from ltc_ray.io.fs import open_uri
 from ltc_ray.pipeline.cluster_stage import run_cluster_stage
-from ltc_ray.pipeline.job import (
-    JobSpec,
-    evaluate_task,
-    knn_stage,
-    preflight_inputs,
-    read_labels_task,
-    validate_inputs,
-)
-from ltc_ray.pipeline.runtime import StageLog, init_ray, ray_get
+from ltc_ray.pipeline.job import JobSpec, evaluate_task, inputs_and_graph, read_labels_task
+from ltc_ray.pipeline.runtime import StageLog, ray_get
 
 log = logging.getLogger("ltc_ray")
 COARSE_FACTOR = 5
@@ -59,11 +52,7 @@ def tune(
     spec = JobSpec(features=features, labels=labels, knn=knn, output=work_dir + "/unused",
                    config=config, work_dir=work_dir, num_cpus=num_cpus,
                    storage_options=storage_options)
-    info = preflight_inputs(spec)
-    resources = init_ray(num_cpus)
-    stages = StageLog()
-    validate_inputs(spec, info, resources, stages)
-    manifest = knn_stage(spec, info, resources, stages)
+    info, resources, _, manifest = inputs_and_graph(spec)
     labels_ref = read_labels_task.remote(labels, info.n_rows, storage_options)
     cpus = float(resources.get("CPU", 1))
     key = f"methods.{cls.name}.{param}"
