@@ -153,11 +153,14 @@ def _finish_gcn_v(meta: dict, model, confidence: np.ndarray, graph: KnnManifest,
 
 @ray.remote
 def _train_gcn_e(feature_info: FeatureInfo, graph: KnnManifest, confidence: np.ndarray,
-                 labels_uri: str, output: str, cfg, rho: float, threads: int) -> dict:
-    """Train GCN-E on the training split's GCN-V features; tune its tau on the same split."""
+                 labels_uri: str, output: str, cfg, rho: float, tau: float,
+                 threads: int) -> dict:
+    """Train GCN-E on the training split's GCN-V features; link with GCN-V's tau (tuned on
+    the same split) and record the training-split metrics."""
     import torch
 
-    from ltc_ray.models.gcn_e import choose_parents, confidence_quantile
+    from ltc_ray.cluster.gcn_ve import LinkHaloPartition, gcn_e_links
+    from ltc_ray.models.gcn_e import confidence_quantile
     from ltc_ray.models.store import save_gcn_e
     from ltc_ray.models.train_e import train_gcn_e
 
@@ -171,26 +174,16 @@ def _train_gcn_e(feature_info: FeatureInfo, graph: KnnManifest, confidence: np.n
     labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
     model, history = train_gcn_e(h, confidence, ids, knn_sims, labels, cfg)
     threshold = confidence_quantile(confidence, rho)
-    parent = choose_parents(model, np.arange(n), confidence, ids, knn_sims,
-                            confidence[np.maximum(ids, 0)], confidence >= threshold,
-                            lambda q: h[q], lambda q: (ids[q], knn_sims[q]))
-    has = parent >= 0
-    sim = knn_sims[np.arange(n), np.argmax(ids == parent[:, None], axis=1)]
-    nodes = np.arange(n)
-
-    def edges_at(tau: float):
-        keep = has & (sim > tau)
-        return nodes[keep], parent[keep]
-
-    tau, scores = tune_threshold(labels, edges_at)
-    cid, _, _ = merge_edges(n, [edges_at(tau)])
+    part = LinkHaloPartition(0, n, knn_ids, knn_sims, lambda q: h[q],
+                             lambda q: (knn_ids[q], knn_sims[q]))
+    link = gcn_e_links(model, part, confidence, threshold, tau, batch_size=256)
+    cid, _, _ = merge_edges(n, [(link.src, link.dst)])
     train_metrics = evaluate(labels, cid)
     meta = {
         "k": int(graph.k),
         "rho": rho,
         "thresholds": {"tau": tau},
         "train_metrics": train_metrics,
-        "tau_search": {f"{t:.2f}": round(f, 5) for t, f in sorted(scores.items())},
         "train_config": asdict(cfg),
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
@@ -256,7 +249,7 @@ def train(
         with stages.stage("train_e", rows=info.n_rows):
             meta["gcn_e"] = ray_get(_train_gcn_e.options(num_cpus=cpus).remote(
                 feature_info, graph_e, conf_ref, labels, join_uri(output, "gcn-e"), edge_cfg, rho,
-                cpus))
+                meta["thresholds"]["tau"], cpus))
         log.info("trained gcn-e: rho=%.2f tau=%.2f, train pairwise F %.4f", rho,
                  meta["gcn_e"]["thresholds"]["tau"], meta["gcn_e"]["train_metrics"]["pairwise_f"])
     meta["stages"] = stages.to_dict()
