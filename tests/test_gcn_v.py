@@ -216,52 +216,22 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
 def test_feature_pass_links_on_a_gcn_feature_graph(trained, tmp_path, capsys):
     """The paper's second pass: a kNN over the 512-d GCN features written by the partition
     actors, linked with tau2; identical for 1 and 3 partitions."""
-    from ltc_ray.io.output import read_clusters
-
     root, model = trained
     meta = json.loads((model / "model.json").read_text())
     assert 0.3 <= meta["thresholds"]["tau2"] <= 0.95
     assert "pairwise_f" in meta["train_metrics_feature_graph"]
-    results = []
-    for parts in (1, 3):
-        out = tmp_path / f"out{parts}"
-        code = main(
-            [
-                "cluster",
-                "--part",
-                "1",
-                "--data-root",
-                str(root),
-                "--method",
-                "gcn-v",
-                "--model",
-                str(model),
-                "--set",
-                "knn.k=20",
-                "--set",
-                "methods.gcn-v.feature_pass=true",
-                "--set",
-                f"cluster.partitions={parts}",
-                "--output",
-                str(out),
-                "--work-dir",
-                str(tmp_path / f"w{parts}"),
-            ]
-        )
-        assert code == 0, capsys.readouterr().err
-        run = json.loads((out / "run.json").read_text())
+    runs = _cluster_with_partitions(
+        root, model, "gcn-v", tmp_path, capsys, "--set", "methods.gcn-v.feature_pass=true"
+    )
+    for run, _, _ in runs:
         assert run["stages"]["knn_features"]["rows"] == run["n_samples"]
-        assert (tmp_path / f"w{parts}" / "node-features" / "features.parts.json").exists()
-        results.append(read_clusters(str(out)).column("cluster_id").to_numpy())
-    np.testing.assert_array_equal(results[0], results[1])
+    assert (tmp_path / "w3" / "node-features" / "features.parts.json").exists()
 
 
 def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
     """gcn-ve end to end: GCN-V then GCN-E trained by one command; GCN-E linking on link
     actors that fetch candidates' features and kNN rows gives the same clusters for 1 and
     3 partitions."""
-    from ltc_ray.io.output import read_clusters
-
     root, _ = trained
     model = tmp_path / "ve"
     code = main(
@@ -292,7 +262,19 @@ def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
     assert edge_meta["method"] == "gcn-e" and edge_meta["in_dim"] == 64
     assert 0.3 <= edge_meta["thresholds"]["tau"] <= 0.95 and edge_meta["rho"] == 0.2
     assert (model / "gcn-v" / "model.json").exists()
-    results = []
+    runs = _cluster_with_partitions(root, model, "gcn-ve", tmp_path, capsys)
+    for run, metrics, _ in runs:
+        assert run["stages"]["knn_features"]["rows"] == run["n_samples"]
+        assert run["stages"]["link"]["model_threshold"] > 0
+        assert metrics["pairwise_f"] > 0.2
+
+
+def _cluster_with_partitions(root, model, method, tmp_path, capsys, *flags):
+    """Run ``method`` on part1 with 1 and 3 partitions; returns per run (run.json, metrics,
+    (cluster_id, parent, score)) and asserts both runs succeeded."""
+    from ltc_ray.io.output import read_clusters
+
+    runs = []
     for parts in (1, 3):
         out = tmp_path / f"out{parts}"
         code = main(
@@ -303,11 +285,12 @@ def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
                 "--data-root",
                 str(root),
                 "--method",
-                "gcn-ve",
+                method,
                 "--model",
                 str(model),
                 "--set",
                 "knn.k=20",
+                *flags,
                 "--set",
                 f"cluster.partitions={parts}",
                 "--output",
@@ -317,12 +300,14 @@ def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
             ]
         )
         assert code == 0, capsys.readouterr().err
-        run = json.loads((out / "run.json").read_text())
-        assert run["stages"]["knn_features"]["rows"] == run["n_samples"]
-        assert run["stages"]["link"]["model_threshold"] > 0
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["pairwise_f"] > 0.2
         table = read_clusters(str(out))
-        results.append([table.column(c).to_numpy() for c in ("cluster_id", "parent", "score")])
-    for a, b in zip(results[0], results[1], strict=True):
+        runs.append(
+            (
+                json.loads((out / "run.json").read_text()),
+                json.loads((out / "metrics.json").read_text()),
+                [table.column(c).to_numpy() for c in ("cluster_id", "parent", "score")],
+            )
+        )
+    for a, b in zip(runs[0][2], runs[1][2], strict=True):
         np.testing.assert_array_equal(a, b)
+    return runs
