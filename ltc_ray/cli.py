@@ -50,6 +50,16 @@ def _add_input_args(p: argparse.ArgumentParser, labels_help: str) -> None:
                      help="fsspec storage options as JSON (endpoint, region, ...)")
 
 
+def _add_run_args(p: argparse.ArgumentParser, work_dir_default: str) -> None:
+    """Flags every job over a split shares: kNN reuse, config, overrides, work area, CPUs."""
+    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set knn.k=40 (repeatable)")
+    p.add_argument("--work-dir", help=f"work area for the kNN graph (default: {work_dir_default})")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+
+
 def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | None, str]:
     """(features, labels, precomputed knn, name) from --part or --features."""
     from ltc_ray.io.fs import uri_exists
@@ -92,17 +102,11 @@ def cluster_parser() -> argparse.ArgumentParser:
         "Parquet. Joins the cluster in RAY_ADDRESS (ray job submit) or starts a local Ray.",
     )
     _add_input_args(p, "labels (.meta) to score the result; --part finds them itself")
-    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
+    _add_run_args(p, "<output>.work")
     p.add_argument("--output", help="output URI (default: runs/<input>-<method>)")
-    p.add_argument("--work-dir", help="work area for the kNN graph and staging "
-                   "(default: <output>.work)")
     p.add_argument("--method", help="clustering method (default from config: density-peak)")
     p.add_argument("--model", help="model directory for learned methods (jobs/train.py output)")
-    p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set knn.k=40 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace a completed output")
-    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     return p
 
 
@@ -217,14 +221,10 @@ def tune_parser() -> argparse.ArgumentParser:
     )
     _add_input_args(p, "labels (.meta); --part finds them itself")
     p.add_argument("--method", required=True)
-    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
-    p.add_argument("--config", help="base YAML config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--metric", default="pairwise_f", choices=["pairwise_f", "bcubed_f", "nmi"])
     p.add_argument("--grid", metavar="LOW:HIGH:STEP", help="values to try (default per method)")
-    p.add_argument("--work-dir", help="work area (default: runs/tune-<input>.work)")
     p.add_argument("--output-config", required=True, help="YAML file to write")
-    p.add_argument("--num-cpus", type=int)
+    _add_run_args(p, "runs/tune-<input>.work")
     return p
 
 
@@ -270,17 +270,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge-epochs", type=int, help="gcn-ve: GCN-E training epochs (default 4)")
     p.add_argument("--rho", type=float, default=0.2,
                    help="gcn-ve: share of most confident nodes that use GCN-E (default 0.2)")
-    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
-    p.add_argument("--config", help="YAML config (kNN settings)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-rows", type=int,
                    help="mini-batch rows (0 = full graph when it fits, else mini-batches)")
     p.add_argument("--hidden", type=int, help="hidden width (default 512)")
-    p.add_argument("--work-dir", help="work area for the kNN graph (default: <output>.work)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
-    p.add_argument("--num-cpus", type=int)
+    _add_run_args(p, "<output>.work")
     return p
 
 

@@ -177,11 +177,10 @@ class LinkActor:
         feats = np.empty((len(needed), self.x.shape[1]), dtype=np.float32)
         rows_ids = np.empty((len(needed), self.knn_ids.shape[1]), dtype=self.knn_ids.dtype)
         rows_sims = np.empty((len(needed), self.knn_ids.shape[1]), dtype=np.float32)
-        wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner)]
-        fetched = ray.get([
-            actors[p].rows.remote(needed[pos]) if p != index else ray.put(self.rows(needed[pos]))
-            for p, pos in wanted
-        ])
+        mine = np.nonzero(owner == index)[0]
+        feats[mine], rows_ids[mine], rows_sims[mine] = self.rows(needed[mine])
+        wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner) if p != index]
+        fetched = ray.get([actors[p].rows.remote(needed[pos]) for p, pos in wanted])
         for (_, pos), (f, ri, rs) in zip(wanted, fetched, strict=True):
             feats[pos], rows_ids[pos], rows_sims[pos] = f, ri, rs
 

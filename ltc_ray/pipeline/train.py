@@ -84,6 +84,15 @@ def _link_and_score(knn_ids, knn_sims, confidence, labels, tau) -> dict:
     return evaluate(labels, cid)
 
 
+def _load_split(info: FeatureInfo, graph: KnnManifest, labels_uri: str):
+    """A whole training split in one worker: features ``(N, d)``, its kNN rows and labels."""
+    so = info.storage_options
+    n = info.n_rows
+    x = read_features(info, 0, n)
+    knn_ids, knn_sims = read_knn_rows(graph, 0, n, so)
+    return x, knn_ids, knn_sims, read_labels(labels_uri, expected_rows=n, storage_options=so)
+
+
 @ray.remote(num_returns=3)
 def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, feature_dir: str,
                  train_cfg, threads: int):
@@ -101,9 +110,7 @@ def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, feat
     so = info.storage_options
     n = info.n_rows
     t0 = time.perf_counter()
-    x = read_features(info, 0, n)
-    knn_ids, knn_sims = read_knn_rows(manifest, 0, n, so)
-    labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
+    x, knn_ids, knn_sims, labels = _load_split(info, manifest, labels_uri)
     adj = whole_graph_adjacency(knn_ids, knn_sims)
     target = confidence_target(knn_ids, knn_sims, labels)
     agg = aggregate(adj, x)  # ÂX once: training and inference both use it
@@ -168,10 +175,8 @@ def _train_gcn_e(feature_info: FeatureInfo, graph: KnnManifest, confidence: np.n
     so = feature_info.storage_options
     n = feature_info.n_rows
     t0 = time.perf_counter()
-    h = read_features(feature_info, 0, n)
-    knn_ids, knn_sims = read_knn_rows(graph, 0, n, so)
+    h, knn_ids, knn_sims, labels = _load_split(feature_info, graph, labels_uri)
     ids = knn_ids.astype(np.int64)
-    labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
     model, history = train_gcn_e(h, confidence, ids, knn_sims, labels, cfg)
     threshold = confidence_quantile(confidence, rho)
     part = LinkHaloPartition(0, n, knn_ids, knn_sims, lambda q: h[q],
