@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ltc_ray.errors import InputError
+from ltc_ray.errors import InputError, storage_errors
+from ltc_ray.redact import RedactingFormatter, redact, register_storage_options
 
 log = logging.getLogger("ltc_ray")
 
@@ -35,6 +36,7 @@ def _storage_options(text: str | None) -> dict | None:
         raise InputError("--storage-options", "is not valid JSON") from None
     if not isinstance(value, dict):
         raise InputError("--storage-options", "must be a JSON object")
+    register_storage_options(value)  # its secrets are masked in every message and log line
     return value
 
 
@@ -72,13 +74,20 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | No
         name = part_name(args.part)
         paths = part_paths(args.data_root, args.part)
         labels = args.labels
-        if labels is None and uri_exists(paths.labels, so):
-            labels = paths.labels
+        if labels is None:
+            with storage_errors(paths.labels):
+                if uri_exists(paths.labels, so):
+                    labels = paths.labels
         return paths.features, labels, paths.knn, name
     if not args.features:
         raise InputError("--features", "an input is required: --part N or --features URI")
     name = args.features.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return args.features, args.labels, getattr(args, "knn", None), name
+    knn = getattr(args, "knn", None)
+    if knn:  # a file named on the command line must exist (--part's own is optional)
+        with storage_errors(knn):
+            if not uri_exists(knn, so):
+                raise InputError(knn, "kNN file not found (--knn)")
+    return args.features, args.labels, knn, name
 
 
 def _config(args: argparse.Namespace):
@@ -89,6 +98,9 @@ def _config(args: argparse.Namespace):
         overrides.append(f"method={args.method}")
     if getattr(args, "model", None):  # whichever learned method runs reads its own key
         overrides += [f"methods.gcn-v.model={args.model}", f"methods.gcn-ve.model={args.model}"]
+    for flag, value in (("--dim", args.dim), ("--num-cpus", getattr(args, "num_cpus", None))):
+        if value is not None and value <= 0:
+            raise InputError(flag, f"must be a positive integer, got {value}")
     if args.dim is not None:
         overrides.append(f"dim={args.dim}")
     return load_config(args.config, overrides)
@@ -111,11 +123,11 @@ def cluster_parser() -> argparse.ArgumentParser:
 
 
 def cluster_main(argv: Sequence[str]) -> int:
-    from ltc_ray.pipeline import JobSpec, run_job
-
     args = cluster_parser().parse_args(argv)
     features, labels, knn, name = _resolve_inputs(args)
     cfg = _config(args)
+    from ltc_ray.pipeline import JobSpec, run_job  # after the cheap checks: imports Ray
+
     output = args.output or f"runs/{name}-{cfg.method}"
     if args.part is not None and cfg.knn.k != 80:
         knn = knn.replace("faiss_k_80.npz", f"faiss_k_{cfg.knn.k}.npz")
@@ -281,14 +293,20 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str]) -> int:
-    from ltc_ray.models.train import TrainConfig
-    from ltc_ray.pipeline.train import train
+    from ltc_ray.io.fs import url_to_fs
 
     args = train_parser().parse_args(argv)
     features, labels, knn, _ = _resolve_inputs(args)
     if labels is None:
         raise InputError("--labels", "training needs labels (a labelled split)")
     cfg = _config(argparse.Namespace(**{**vars(args), "method": None}))
+    with storage_errors(args.output):
+        fs, path = url_to_fs(args.output, _storage_options(args.storage_options))
+        if fs.isfile(path):
+            raise InputError(args.output, "model output path is a file; expected a directory")
+    from ltc_ray.models.train import TrainConfig  # after the cheap checks: imports torch
+    from ltc_ray.pipeline.train import train
+
     train_cfg = TrainConfig(seed=cfg.seed)
     for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_rows"),
                        ("hidden", "hidden")):
@@ -363,7 +381,7 @@ def run_verb(verb: str, argv: Sequence[str]) -> int:
     """Run one verb with logging and the exit-code contract."""
     if not log.handlers:  # our own progress lines only; libraries stay at WARNING
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
@@ -371,7 +389,7 @@ def run_verb(verb: str, argv: Sequence[str]) -> int:
     try:
         return func(argv)
     except InputError as exc:
-        print(f"error: {exc.where}: {exc.problem}", file=sys.stderr)
+        print(redact(f"error: {exc.where}: {exc.problem}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -381,10 +399,10 @@ def run_verb(verb: str, argv: Sequence[str]) -> int:
 
         cause = unwrap_ray_error(exc)
         if isinstance(cause, InputError):
-            print(f"error: {cause.where}: {cause.problem}", file=sys.stderr)
+            print(redact(f"error: {cause.where}: {cause.problem}"), file=sys.stderr)
             return EXIT_BAD_INPUT
         log.exception("job failed")
-        print(f"failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        print(redact(f"failed: {type(cause).__name__}: {cause}"), file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -228,6 +228,7 @@ def validate(cfg: Config) -> Config:
         if value <= 0:
             raise InputError(f"config {key}", f"must be positive, got {value}")
     non_negative = {
+        "seed": cfg.seed,
         "knn.shards": cfg.knn.shards,
         "knn.nlist": cfg.knn.nlist,
         "knn.max_in_flight": cfg.knn.max_in_flight,

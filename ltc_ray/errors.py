@@ -6,6 +6,9 @@ flag) and the problem, so jobs can print one line and exit with code 2.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class InputError(ValueError):
     """A problem with the user's input; jobs map it to exit code 2."""
@@ -17,3 +20,31 @@ class InputError(ValueError):
 
     def __reduce__(self):  # keep the two-argument form picklable across Ray workers
         return (type(self), (self.where, self.problem))
+
+
+# Exceptions from these packages (and OSError) are storage failures: an endpoint that
+# cannot be reached, missing credentials, a denied permission.
+_STORAGE_PACKAGES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs"}
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage failure rather than a bug."""
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return any(cls.__module__.split(".")[0] in _STORAGE_PACKAGES for cls in type(exc).__mro__)
+
+
+@contextlib.contextmanager
+def storage_errors(where: str) -> Iterator[None]:
+    """For the cheap up-front checks: a storage failure while looking at ``where`` becomes
+    an :class:`InputError` (one line, exit 2) instead of a traceback after Ray started."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise InputError(where, f"cannot access storage ({detail})") from None

@@ -414,3 +414,56 @@ def test_store_round_trip_and_refusals(tmp_path, parent_case):
     meta_path.write_text(json.dumps(record))
     with pytest.raises(InputError, match="dims must be 4 positive ints"):
         load_gcn_e(uri)
+
+
+def test_identity_folds_keep_identities_together_and_are_seeded():
+    from ltc_ray.models.crossfit import identity_folds
+
+    labels = np.repeat(np.arange(40), np.arange(1, 41))
+    folds = identity_folds(labels, 2, seed=0)
+    for ident in np.unique(labels):
+        assert len(np.unique(folds[labels == ident])) == 1
+    per_fold_ids = [len(np.unique(labels[folds == f])) for f in (0, 1)]
+    assert per_fold_ids == [20, 20]
+    assert np.array_equal(folds, identity_folds(labels, 2, seed=0))
+    assert not np.array_equal(folds, identity_folds(labels, 2, seed=1))
+    with pytest.raises(ValueError):
+        identity_folds(np.zeros(5), 2, seed=0)
+
+
+def test_out_of_fold_outputs_never_see_the_held_out_fold():
+    """Each fold's confidences and features come from a GCN-V that never saw it: relabelling
+    the samples of fold 0 (a label permutation inside the fold) changes nothing in fold 0's
+    outputs, while fold 1's (whose model trained on fold 0) do change. The folds' graphs
+    never cross and every row is one training sample."""
+    from ltc_ray.models.crossfit import identity_folds, out_of_fold_gcn_v
+    from ltc_ray.models.train import TrainConfig
+
+    x, labels = blobs(30, 8, 16, spread=1.4, seed=2)
+    cfg = TrainConfig(hidden=16, epochs=5, seed=0, threads=1)
+    a = out_of_fold_gcn_v(x, labels, cfg, k=10, edge_k=15)
+    n = len(labels)
+    assert np.array_equal(np.sort(a.order), np.arange(n))
+    assert np.array_equal(a.labels, labels[a.order])
+    assert a.knn_ids.shape == (n, 15) and a.hidden.shape == (n, 16)
+    assert np.allclose(np.linalg.norm(a.hidden, axis=1), 1.0, atol=1e-5)
+    assert np.all(a.fold[a.knn_ids] == a.fold[:, None])  # no neighbour across folds
+    assert np.array_equal(a.knn_ids[:, 0], np.arange(n))  # self first
+
+    fold = identity_folds(labels, 2, cfg.seed)
+    relabelled = labels.copy()
+    in0 = fold == 0
+    ids0 = np.unique(labels[in0])
+    relabelled[in0] = np.roll(ids0, 1)[np.searchsorted(ids0, labels[in0])]
+    b = out_of_fold_gcn_v(x, relabelled, cfg, k=10, edge_k=15)
+    rows0 = a.fold == 0
+    assert np.array_equal(a.confidence[rows0], b.confidence[rows0])
+    assert np.array_equal(a.hidden[rows0], b.hidden[rows0])
+    # a real permutation of fold 0's identities keeps the target the same, so move one
+    # sample between identities to make fold 1's model see different labels
+    moved = relabelled.copy()
+    first, second = np.flatnonzero(in0)[:2]
+    moved[first] = labels[second] if labels[second] != relabelled[first] else ids0[-1]
+    c = out_of_fold_gcn_v(x, moved, cfg, k=10, edge_k=15)
+    assert np.array_equal(a.confidence[rows0], c.confidence[rows0])
+    assert not np.array_equal(a.confidence[~rows0], c.confidence[~rows0])

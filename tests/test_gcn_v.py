@@ -261,6 +261,9 @@ def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
     edge_meta = json.loads((model / "gcn-e" / "model.json").read_text())
     assert edge_meta["method"] == "gcn-e" and edge_meta["in_dim"] == 64
     assert 0.3 <= edge_meta["thresholds"]["tau"] <= 0.95 and edge_meta["rho"] == 0.2
+    # GCN-E learnt from out-of-fold GCN-V outputs (two identity folds), scored out of fold
+    assert edge_meta["crossfit"]["folds"] == 2 and edge_meta["crossfit"]["gcn_v_k"] == 20
+    assert edge_meta["train_metrics"]["pairwise_f"] > 0.2
     assert (model / "gcn-v" / "model.json").exists()
     runs = _cluster_with_partitions(root, model, "gcn-ve", tmp_path, capsys)
     for run, metrics, _ in runs:

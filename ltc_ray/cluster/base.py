@@ -55,6 +55,12 @@ class ClusterMethod(abc.ABC):
     # Methods whose link needs neighbours' features and kNN rows (GCN-E) link with
     # ``link_halo`` on actors over the feature graph instead of ``link`` in tasks.
     needs_link_halo: ClassVar[bool] = False
+    # The params fields ``score`` depends on (resumable runs reuse stored scores when only
+    # other fields change, e.g. a link threshold); None = all of them (always safe).
+    score_params: ClassVar[tuple[str, ...] | None] = None
+    # fsspec options for the method's own files (a model on object storage); set by
+    # ``get_method`` before ``__init__`` runs, so every subclass's loader can use it
+    storage_options: dict | None = None
 
     def __init__(self, params: Any, k: int):
         self.params = params
@@ -88,13 +94,17 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def get_method(name: str, config: Any) -> ClusterMethod:
-    """Instantiate method ``name`` with its parameters from ``config.methods``."""
+def get_method(name: str, config: Any, storage_options: dict | None = None) -> ClusterMethod:
+    """Instantiate method ``name`` with its parameters from ``config.methods``;
+    ``storage_options`` reach the method's model loading (``--model s3://...``)."""
     if name not in REGISTRY:
         choices = ", ".join(method_names())
         raise InputError("--method", f"unknown method '{name}'; choose one of {choices}")
     cls = REGISTRY[name]
-    return cls(getattr(config.methods, cls.params_key), config.knn.k)
+    method = cls.__new__(cls)
+    method.storage_options = storage_options
+    method.__init__(getattr(config.methods, cls.params_key), config.knn.k)
+    return method
 
 
 def neighbor_density(knn_sims: np.ndarray, m: int) -> np.ndarray:

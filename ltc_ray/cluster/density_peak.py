@@ -43,6 +43,7 @@ class DensityPeak(ClusterMethod):
     name = "density-peak"
     params_key = "density_peak"
     tunable = ("tau", 0.30, 0.95, 0.01)
+    score_params = ("neighbors",)
 
     def score(self, part: PartitionInput) -> np.ndarray:
         return neighbor_density(part.knn_sims, self.params.neighbors)

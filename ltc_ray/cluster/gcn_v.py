@@ -23,6 +23,8 @@ class GCNV(ClusterMethod):
     params_key = "gcn_v"
     tunable = ("tau", 0.30, 0.95, 0.01)
     needs_halo = True
+    # the model (its content hash is part of every fingerprint) and what the actors emit
+    score_params = ("model", "batch_rows", "feature_pass")
 
     def __init__(self, params, k: int):
         super().__init__(params, k)
@@ -30,7 +32,9 @@ class GCNV(ClusterMethod):
             raise InputError("--model", "gcn-v needs a model trained by jobs/train.py")
         from ltc_ray.models.store import load_model
 
-        model, meta = load_model(params.model, expected_k=k, method="gcn-v")
+        model, meta = load_model(
+            params.model, expected_k=k, method="gcn-v", storage_options=self.storage_options
+        )
         self.meta = meta
         self.state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
         self.in_dim = int(meta["in_dim"])

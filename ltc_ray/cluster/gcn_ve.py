@@ -78,7 +78,8 @@ class GCNVE(GCNV):
                                     batch_rows=params.batch_rows), k)
         self.params = params
         edge_model, edge_meta = load_gcn_e(join_uri(params.model, "gcn-e"),
-                                           expected_dim=self.hidden)
+                                           expected_dim=self.hidden,
+                                           storage_options=self.storage_options)
         self.edge_meta = edge_meta
         self.edge_state = {key: v.detach().cpu() for key, v in edge_model.state_dict().items()}
         self.edge_dims = list(edge_meta["dims"])

@@ -29,6 +29,7 @@ class KnnCC(ClusterMethod):
     name = "knn-cc"
     params_key = "knn_cc"
     tunable = ("threshold", 0.30, 0.95, 0.01)
+    score_params = ()  # the score is a fixed neighbour density
 
     def score(self, part: PartitionInput) -> np.ndarray:
         return neighbor_density(part.knn_sims, SCORE_NEIGHBORS)

@@ -23,6 +23,7 @@ from ltc_ray.io.features import parse_npy_header
 from ltc_ray.io.fs import is_local_fs, require_file, url_to_fs, write_bytes_atomic
 
 __all__ = [
+    "check_ltc_knn",
     "id_dtype_for",
     "inspect_ltc_knn",
     "iter_ltc_knn",
@@ -84,6 +85,20 @@ def inspect_ltc_knn(uri: str, storage_options: dict | None = None) -> tuple[int,
     """``(N, k)`` of a learn-to-cluster kNN npz from its header alone."""
     with _ltc_member(uri, storage_options) as (_, n, k, _dtype):
         return n, k
+
+
+def check_ltc_knn(uri: str, n_rows: int, k: int, storage_options: dict | None = None) -> None:
+    """Refuse, from the header alone, a learn-to-cluster kNN npz that cannot serve a graph
+    of ``k`` neighbours over ``n_rows`` samples (pickled, wrong shape, rows or k)."""
+    n, k_file = inspect_ltc_knn(uri, storage_options)
+    if n != n_rows:
+        raise InputError(uri, f"kNN file has {n} rows but the features have {n_rows}")
+    if k_file < k:
+        raise InputError(
+            uri,
+            f"kNN file has k={k_file} neighbours, config asks for knn.k={k} "
+            f"(set knn.k={k_file} or knn.reuse=false)",
+        )
 
 
 def _read_exact(stream: IO[bytes], nbytes: int, uri: str) -> bytes:

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ltc_ray.errors import InputError
-from ltc_ray.io.fs import join_uri, open_uri, url_to_fs, write_bytes_atomic
+from ltc_ray.io.fs import is_local_fs, join_uri, open_uri, url_to_fs, write_bytes_atomic
+from ltc_ray.redact import redact
 
 SUCCESS = "_SUCCESS"
 CLUSTERS_DIR = "clusters"
@@ -76,8 +77,9 @@ def write_summary(
 
 
 def write_json(uri: str, obj: Any, storage_options: dict | None = None) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
-    write_bytes_atomic(uri, data + b"\n", storage_options)
+    """``obj`` as indented JSON; any known credential in it is masked (see ltc_ray.redact)."""
+    text = redact(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    write_bytes_atomic(uri, text.encode() + b"\n", storage_options)
 
 
 def _json_default(obj: Any) -> Any:
@@ -120,15 +122,25 @@ def commit(
     """
     fs, out_path = url_to_fs(output, storage_options)
     _, staging_path = url_to_fs(staging, storage_options)
+    out_path, staging_path = out_path.rstrip("/"), staging_path.rstrip("/")
+    fs.invalidate_cache()  # workers wrote the staging files; the driver's listings are stale
     if fs.isdir(out_path):
         if fs.exists(f"{out_path}/{SUCCESS}"):
             fs.rm(f"{out_path}/{SUCCESS}")
         for entry in fs.ls(out_path, detail=False):
             fs.rm(entry, recursive=True)
     fs.makedirs(out_path, exist_ok=True)
-    for entry in fs.ls(staging_path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        fs.mv(entry, f"{out_path}/{name}", recursive=True)
+    # File by file: object stores have no directories to move (a recursive ``mv`` of a
+    # prefix trips over directory markers), and a local rename needs its parent.
+    for src in sorted(fs.find(staging_path)):
+        dst = f"{out_path}/{src[len(staging_path) + 1 :]}"
+        if is_local_fs(fs):
+            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        fs.mv(src, dst)
+    fs.invalidate_cache()
+    missing = [p for p in part_rows if not fs.exists(f"{out_path}/{p}")]
+    if missing:
+        raise OSError(f"commit to {output}: {missing[0]} is missing after the move")
     manifest = {
         "run_id": run_id,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -14,13 +14,14 @@ import hashlib
 import io
 import json
 import platform
+import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
 import ltc_ray
-from ltc_ray.errors import InputError
+from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import join_uri, open_uri, uri_exists, write_bytes_atomic
 from ltc_ray.models.gcn_e import GCNE
 from ltc_ray.models.gcn_v import GCNV
@@ -121,13 +122,11 @@ def _write(
 
 
 def _read(uri: str, what: str, storage_options: dict | None) -> bytes:
-    if not uri_exists(uri, storage_options):
-        raise InputError(uri, f"{what} not found")
-    try:
+    with storage_errors(uri):  # endpoint or credentials: one line, not a traceback
+        if not uri_exists(uri, storage_options):
+            raise InputError(uri, f"{what} not found")
         with open_uri(uri, "rb", storage_options) as fh:
             return fh.read()
-    except OSError as exc:
-        raise InputError(uri, f"cannot read {what}: {exc}") from exc
 
 
 def _read_meta(uri: str, storage_options: dict | None) -> dict:
@@ -205,8 +204,9 @@ def _checked_meta(
     storage_options: dict | None,
 ) -> dict:
     """``model.json`` of directory ``uri`` after checking method, dim and k."""
-    if not uri_exists(uri, storage_options):
-        raise InputError(uri, "model directory not found")
+    with storage_errors(uri):
+        if not uri_exists(uri, storage_options):
+            raise InputError(uri, "model directory not found")
     meta = _read_meta(join_uri(uri, MODEL_JSON), storage_options)
     if method is not None and meta["method"] != method:
         raise InputError(uri, f"model is a {meta['method']!r} model, not {method!r}")
@@ -223,6 +223,16 @@ def _checked_meta(
     return meta
 
 
+def _torch_error(exc: Exception) -> str:
+    """torch.load's multi-line message as one line: what was refused, not the advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        detail = [line for line in lines if not line.startswith(advice)]
+        return "refused to unpickle (weights_only=True): " + " ".join(detail or lines[-1:])
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _load_weights(
     uri: str, model: torch.nn.Module, describe: str, storage_options: dict | None
 ) -> None:
@@ -230,10 +240,14 @@ def _load_weights(
     that does not fit it exactly; leaves the model in eval mode."""
     weights_uri = join_uri(uri, WEIGHTS)
     raw = _read(weights_uri, WEIGHTS, storage_options)
+    if not zipfile.is_zipfile(io.BytesIO(raw)):  # torch.save writes a zip archive
+        raise InputError(
+            weights_uri, "cannot read weights: not a torch.save archive (corrupted or truncated)"
+        )
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad or unsafe files
-        raise InputError(weights_uri, f"cannot read weights: {exc}") from exc
+        raise InputError(weights_uri, f"cannot read weights: {_torch_error(exc)}") from None
     expected = model.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(weights_uri, "weights are not a state dict of tensors")

@@ -22,6 +22,7 @@ from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo
 from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
+from ltc_ray.pipeline.stages import delay_for_tests
 
 log = logging.getLogger("ltc_ray")
 
@@ -44,6 +45,7 @@ def _load(manifest: KnnManifest, start: int, stop: int, so: dict | None) -> Part
 @ray.remote(num_returns=2, max_retries=3)
 def _score_partition(method: ClusterMethod, manifest: KnnManifest, start: int, stop: int,
                      so: dict | None):
+    delay_for_tests("score")
     scores = method.score(_load(manifest, start, stop, so))
     return scores, peak_rss_bytes()
 
@@ -51,6 +53,7 @@ def _score_partition(method: ClusterMethod, manifest: KnnManifest, start: int, s
 @ray.remote(num_returns=3, max_retries=3)
 def _link_partition(method: ClusterMethod, manifest: KnnManifest, start: int, stop: int,
                     so: dict | None, forest: bool, *score_parts):
+    delay_for_tests("link")
     scores = np.concatenate(score_parts)
     result = method.link(_load(manifest, start, stop, so), scores)
     edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)

@@ -20,6 +20,7 @@ from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
 from ltc_ray.pipeline.runtime import peak_rss_bytes
+from ltc_ray.pipeline.stages import delay_for_tests
 
 log = logging.getLogger("ltc_ray")
 
@@ -77,6 +78,7 @@ class PartitionActor:
               feature_dir: str | None = None):
         """Scores of the owned nodes; returns ``(scores (n,) float32, stats)``. Node features
         a method emits (e.g. GCN-V's hidden layer) are written to ``feature_dir``."""
+        delay_for_tests("score")
         others = [a for i, a in enumerate(actors) if i != index]
         incoming = ray.get([a.edges_into.remote(self.start, self.stop) for a in others])
         src = np.concatenate([self.src] + [e[0] for e in incoming])
@@ -170,6 +172,7 @@ class LinkActor:
         from ltc_ray.cluster.components import spanning_forest
         from ltc_ray.cluster.gcn_ve import LinkHaloPartition
 
+        delay_for_tests("link")
         scores = np.concatenate(score_parts)
         ids = self.knn_ids[self.knn_ids >= 0].astype(np.int64)
         needed = np.unique(np.concatenate([ids, np.arange(self.start, self.stop)]))

@@ -16,8 +16,15 @@ import ray
 
 from ltc_ray.config import KnnConfig
 from ltc_ray.errors import InputError
-from ltc_ray.graph.knn_graph import KnnManifest, load_manifest, read_knn_rows, save_manifest
+from ltc_ray.graph.knn_graph import (
+    MANIFEST,
+    KnnManifest,
+    load_manifest,
+    read_knn_rows,
+    save_manifest,
+)
 from ltc_ray.io.features import FeatureInfo, read_features
+from ltc_ray.io.fs import join_uri, url_to_fs
 from ltc_ray.io.knn_files import (
     id_dtype_for,
     inspect_ltc_knn,
@@ -35,6 +42,7 @@ from ltc_ray.knn.search import (
     search_block,
 )
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
+from ltc_ray.pipeline.stages import delay_for_tests
 
 log = logging.getLogger("ltc_ray")
 
@@ -109,6 +117,7 @@ class KnnShardActor:
 
     def search(self, queries: np.ndarray, k: int, exact: bool = False):
         """Top-k of ``queries`` in this shard: global ids and float64-rescored sims."""
+        delay_for_tests("knn")
         index = self.index
         if exact and self.cfg.index != "flat":
             if self.exact_index is None:
@@ -122,7 +131,7 @@ class KnnShardActor:
     def search_and_save(self, block: int, start: int, stop: int, k: int, uri: str) -> dict:
         """Replicate mode: read the query block, search, write its kNN block file."""
         queries = read_features(self.info, start, stop)
-        ids, sims = self.search(queries, k)
+        ids, sims = self.search(queries, k)  # (the test-only delay hook sits in search)
         return _finish_block(queries, start, ids, sims, k, self.info.n_rows, uri,
                              self.info.storage_options)
 
@@ -174,6 +183,8 @@ def build_knn_graph(
     if existing is not None and existing.details.get("fingerprint") == fingerprint:
         log.info("kNN: reusing the complete graph in %s", work_dir)
         return existing, {"reused": True, "recall": existing.recall}
+    if existing is not None:  # an old graph: never let its manifest vouch for new blocks
+        _drop_manifest(work_dir, so)
 
     layout = plan_knn_layout(info.n_rows, info.dim, cfg, resources)
     log.info(
@@ -233,6 +244,14 @@ def build_knn_graph(
         "recall": recall,
     }
     return manifest, stats
+
+
+def _drop_manifest(work_dir: str, so: dict | None) -> None:
+    """Remove a graph's manifest before its blocks are overwritten, so a crash mid-build
+    leaves no manifest that matches a mix of old and new blocks."""
+    fs, path = url_to_fs(join_uri(work_dir, MANIFEST), so)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def _run_bounded(submit, items, limit: int, desc: str) -> list:
@@ -308,6 +327,8 @@ def import_ltc_knn(
     if existing is not None and existing.details.get("fingerprint") == fingerprint:
         log.info("kNN: reusing the imported graph in %s", work_dir)
         return existing, {"reused": True, "imported_from": uri}
+    if existing is not None:
+        _drop_manifest(work_dir, so)
     log.info("kNN: importing precomputed %s (k=%d, using %d)", uri, k_file, cfg.k)
     result = ray_get(_import_ltc.remote(uri, n, cfg.k, work_dir, cfg.block_rows, so))
     manifest = KnnManifest(directory=work_dir, n_rows=n, k=cfg.k, block_rows=cfg.block_rows,

@@ -7,7 +7,6 @@ carries every threshold it needs and test labels are never looked at.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import asdict
@@ -37,7 +36,8 @@ from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
 TRAINABLE = ("gcn-v", "gcn-ve")
-EDGE_K = 160  # GCN-E's kNN size on the GCN-V features (learn-to-cluster's setting)
+EDGE_K = 160  # GCN-E's candidate kNN size (learn-to-cluster's setting)
+CROSSFIT_FOLDS = 2  # identity folds for GCN-E's out-of-fold training data
 TAU_GRID = (0.30, 0.95, 0.01)
 
 
@@ -159,36 +159,42 @@ def _finish_gcn_v(meta: dict, model, confidence: np.ndarray, graph: KnnManifest,
 
 
 @ray.remote
-def _train_gcn_e(feature_info: FeatureInfo, graph: KnnManifest, confidence: np.ndarray,
-                 labels_uri: str, output: str, cfg, rho: float, tau: float,
-                 threads: int) -> dict:
-    """Train GCN-E on the training split's GCN-V features; link with GCN-V's tau (tuned on
-    the same split) and record the training-split metrics."""
+def _train_gcn_e(info: FeatureInfo, labels_uri: str, output: str, cfg, v_cfg, k: int,
+                 edge_k: int, rho: float, tau: float, folds: int, threads: int) -> dict:
+    """Train GCN-E on out-of-fold GCN-V outputs (:mod:`ltc_ray.models.crossfit`): each
+    identity fold's features, confidences and kNN graphs come from a GCN-V trained on the
+    other folds, as a test split's do. Links the folds with GCN-V's tau (tuned on the whole
+    split) and records the out-of-fold metrics."""
     import torch
 
     from ltc_ray.cluster.gcn_ve import LinkHaloPartition, gcn_e_links
+    from ltc_ray.models.crossfit import out_of_fold_gcn_v
     from ltc_ray.models.gcn_e import confidence_quantile
     from ltc_ray.models.store import save_gcn_e
     from ltc_ray.models.train_e import train_gcn_e
 
     torch.set_num_threads(max(1, threads))
-    so = feature_info.storage_options
-    n = feature_info.n_rows
+    so = info.storage_options
+    n = info.n_rows
     t0 = time.perf_counter()
-    h, knn_ids, knn_sims, labels = _load_split(feature_info, graph, labels_uri)
-    ids = knn_ids.astype(np.int64)
-    model, history = train_gcn_e(h, confidence, ids, knn_sims, labels, cfg)
-    threshold = confidence_quantile(confidence, rho)
-    part = LinkHaloPartition(0, n, knn_ids, knn_sims, lambda q: h[q],
-                             lambda q: (knn_ids[q], knn_sims[q]))
-    link = gcn_e_links(model, part, confidence, threshold, tau, batch_size=256)
+    x = read_features(info, 0, n)
+    labels = read_labels(labels_uri, expected_rows=n, storage_options=so)
+    oof = out_of_fold_gcn_v(x, labels, v_cfg, k, edge_k, folds)
+    del x
+    crossfit_seconds = time.perf_counter() - t0
+    h, conf, ids, sims = oof.hidden, oof.confidence, oof.knn_ids, oof.knn_sims
+    model, history = train_gcn_e(h, conf, ids, sims, oof.labels, cfg)
+    threshold = confidence_quantile(conf, rho)
+    part = LinkHaloPartition(0, n, ids, sims, lambda q: h[q], lambda q: (ids[q], sims[q]))
+    link = gcn_e_links(model, part, conf, threshold, tau, batch_size=256)
     cid, _, _ = merge_edges(n, [(link.src, link.dst)])
-    train_metrics = evaluate(labels, cid)
     meta = {
-        "k": int(graph.k),
+        "k": int(ids.shape[1]),
         "rho": rho,
         "thresholds": {"tau": tau},
-        "train_metrics": train_metrics,
+        "crossfit": {"folds": int(folds), "gcn_v_k": int(k),
+                     "seconds": round(crossfit_seconds, 3)},
+        "train_metrics": evaluate(oof.labels, cid),  # out of fold: the folds side by side
         "train_config": asdict(cfg),
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
@@ -246,15 +252,10 @@ def train(
         from ltc_ray.models.train_e import TrainEConfig
 
         edge_cfg = edge_cfg or TrainEConfig(seed=config.seed)
-        knn_e = dataclasses.replace(config.knn, k=min(EDGE_K, info.n_rows - 1))
-        with stages.stage("knn_edge_graph", rows=info.n_rows):
-            graph_e, _ = build_knn_graph(info, knn_e,
-                                         join_uri(spec.resolved_work_dir, f"knn-input-k{knn_e.k}"),
-                                         resources, config.seed)
         with stages.stage("train_e", rows=info.n_rows):
             meta["gcn_e"] = ray_get(_train_gcn_e.options(num_cpus=cpus).remote(
-                feature_info, graph_e, conf_ref, labels, join_uri(output, "gcn-e"), edge_cfg, rho,
-                meta["thresholds"]["tau"], cpus))
+                info, labels, join_uri(output, "gcn-e"), edge_cfg, train_cfg, manifest.k,
+                EDGE_K, rho, meta["thresholds"]["tau"], CROSSFIT_FOLDS, cpus))
         log.info("trained gcn-e: rho=%.2f tau=%.2f, train pairwise F %.4f", rho,
                  meta["gcn_e"]["thresholds"]["tau"], meta["gcn_e"]["train_metrics"]["pairwise_f"])
     meta["stages"] = stages.to_dict()

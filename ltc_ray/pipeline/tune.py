@@ -43,7 +43,7 @@ def tune(
 ) -> dict:
     """Grid-search ``config.method``'s tunable threshold; write the best config as YAML."""
     cls = REGISTRY.get(config.method)
-    get_method(config.method, config)  # unknown method -> InputError
+    get_method(config.method, config, storage_options)  # unknown method -> InputError
     if cls.tunable is None:
         raise InputError("--method", f"'{config.method}' has no threshold to tune")
     param, low, high, step = cls.tunable
@@ -64,7 +64,7 @@ def tune(
         if value in results:
             return results[value]
         set_key(config, key, repr(float(value)))
-        method = get_method(config.method, config)
+        method = get_method(config.method, config, storage_options)
         refs = run_cluster_stage(method, manifest, config.cluster, cpus, storage_options,
                                  StageLog(), scores=scores, info=info)
         scores = refs.scores

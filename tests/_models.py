@@ -1,0 +1,51 @@
+"""Tiny untrained models for the learned methods: enough for invariance, determinism and
+resume checks (any fixed weights must give the same clusters however the work is split)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_gcn_v(path: Path, in_dim: int, k: int, seed: int = 0, hidden: int = 16) -> str:
+    """A GCN-V model directory with random weights from ``seed`` (tau 0.6)."""
+    import torch
+
+    from ltc_ray.models.gcn_v import GCNV
+    from ltc_ray.models.store import save_model
+
+    torch.manual_seed(seed)
+    save_model(str(path), GCNV(in_dim, hidden), {"k": k, "thresholds": {"tau": 0.6}})
+    return str(path)
+
+
+def tiny_gcn_ve(path: Path, in_dim: int, k: int, feature_k: int, seed: int = 0) -> str:
+    """A gcn-ve model directory (``gcn-v/`` + ``gcn-e/``) with random weights."""
+    import torch
+
+    from ltc_ray.models.gcn_e import GCNE
+    from ltc_ray.models.store import save_gcn_e
+
+    hidden = 16
+    tiny_gcn_v(path / "gcn-v", in_dim, k, seed, hidden)
+    torch.manual_seed(seed + 1)
+    save_gcn_e(
+        str(path / "gcn-e"),
+        GCNE(hidden, (16, 16, 16, 16)),
+        {"k": feature_k, "rho": 0.2, "thresholds": {"tau": 0.6}},
+    )
+    return str(path)
+
+
+def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
+    """CLI flags giving ``method`` a tiny model; [] for unsupervised methods. A newly
+    registered method that needs a model fails here until it gets a maker."""
+    from ltc_ray.cluster import REGISTRY
+    from ltc_ray.config import Config
+
+    if method == "gcn-v":
+        return ["--model", tiny_gcn_v(tmp / "gcn-v-model", in_dim, k)]
+    if method == "gcn-ve":
+        return ["--model", tiny_gcn_ve(tmp / "gcn-ve-model", in_dim, k, feature_k=15)]
+    params = getattr(Config().methods, REGISTRY[method].params_key)
+    assert not hasattr(params, "model"), f"add a tiny model maker for {method} in tests/_models.py"
+    return []

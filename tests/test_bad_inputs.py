@@ -1,0 +1,503 @@
+"""The bad-input matrix (docs/bad-inputs.md): every case runs a real job as a subprocess
+and must exit 2 with ONE stderr line naming the file or flag and the problem, before Ray
+starts (the single line proves it: a started job logs more), without a traceback and
+without writing anything at the output location."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from _data import blobs, write_bin
+from conftest import PYTHON, REPO
+
+DOC = REPO / "docs" / "bad-inputs.md"
+N, D, K = 200, 16, 10  # the good feature set: 200 x 16 float32, clustered with knn.k=10
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input. ``{d}`` in args/where is the data directory, ``{out}`` the case's
+    output location (``--output {out}`` is appended to cluster jobs unless the args name
+    an output themselves)."""
+
+    id: str
+    args: tuple[str, ...]
+    message: str  # fragment of the one stderr line
+    where: str  # the file or flag the line must name
+    job: str = "cluster"
+    env: dict = field(default_factory=dict)
+
+
+def _cluster(*args: str, features: str = "{d}/good.bin", k: int = K) -> tuple[str, ...]:
+    """A cluster job over ``features`` (16-d .bin) with knn.k = ``k``, plus ``args``."""
+    return ("--features", features, "--dim", str(D), "--set", f"knn.k={k}", *args)
+
+
+# The matrix reads best one case per entry.
+# fmt: off
+S3_UNREACHABLE = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+S3_NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                     "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
+TRAIN = ("--method", "gcn-v", "--features", "{d}/good.bin", "--labels", "{d}/good.meta",
+         "--dim", str(D))
+
+CASES = [
+    # --- features: .bin
+    Case("dim-wrong", ("--features", "{d}/good.bin", "--dim", "24"),
+         "is not a multiple of 4 * D = 96 bytes", "{d}/good.bin"),
+    Case("dim-zero", ("--features", "{d}/good.bin", "--dim", "0"),
+         "must be a positive integer, got 0", "--dim"),
+    Case("dim-negative", ("--features", "{d}/good.bin", "--dim", "-16"),
+         "must be a positive integer, got -16", "--dim"),
+    Case("dim-not-integer", ("--features", "{d}/good.bin", "--dim", "16.5"),
+         "invalid int value: '16.5'", "--dim"),
+    Case("bin-truncated", ("--features", "{d}/truncated.bin", "--dim", str(D)),
+         "is not a multiple of 4 * D = 64 bytes", "{d}/truncated.bin"),
+    Case("bin-empty", ("--features", "{d}/empty.bin"), "feature file is empty", "{d}/empty.bin"),
+    Case("features-missing", ("--features", "{d}/nope.bin"), "feature file not found",
+         "{d}/nope.bin"),
+    Case("features-directory", ("--features", "{d}/folder.bin"), "feature file is a directory",
+         "{d}/folder.bin"),
+    Case("features-unknown-format", ("--features", "{d}/features.csv"),
+         "unsupported feature format", "{d}/features.csv"),
+    Case("rows-nan", _cluster(features="{d}/nan.bin"), "row 7 contains NaN or Inf",
+         "{d}/nan.bin"),
+    Case("rows-inf", _cluster(features="{d}/inf.bin"), "row 11 contains NaN or Inf",
+         "{d}/inf.bin"),
+    Case("rows-zero", _cluster(features="{d}/zero.bin"), "row 42 has zero norm", "{d}/zero.bin"),
+    Case("n-one", ("--features", "{d}/one.bin", "--dim", str(D)),
+         "need at least 2 samples, found 1", "{d}/one.bin"),
+    Case("k-not-below-n", _cluster(k=N),
+         f"k={N} must be smaller than the number of samples ({N} in {{d}}/good.bin)", "knn.k"),
+    # --- labels
+    Case("labels-short", _cluster("--labels", "{d}/short.meta"),
+         f"has {N - 3} labels but the features have {N} rows", "{d}/short.meta"),
+    Case("labels-long", _cluster("--labels", "{d}/long.meta"),
+         f"has {N + 3} labels but the features have {N} rows", "{d}/long.meta"),
+    Case("labels-not-integer", _cluster("--labels", "{d}/words.meta"),
+         "line 17 is not an integer: 'abc'", "{d}/words.meta"),
+    Case("labels-empty", _cluster("--labels", "{d}/empty.meta"), "labels file is empty",
+         "{d}/empty.meta"),
+    Case("labels-missing", _cluster("--labels", "{d}/nope.meta"), "label file not found",
+         "{d}/nope.meta"),
+    # --- features: .npy
+    Case("npy-pickle", ("--features", "{d}/pickle.npy"), "pickled arrays are refused",
+         "{d}/pickle.npy"),
+    Case("npy-1d", ("--features", "{d}/flat.npy"), "expected a 2-D (N, D) array",
+         "{d}/flat.npy"),
+    Case("npy-int-dtype", ("--features", "{d}/ints.npy"), "dtype int64 not supported",
+         "{d}/ints.npy"),
+    Case("npy-truncated", ("--features", "{d}/truncated.npy"), "truncated: header says",
+         "{d}/truncated.npy"),
+    Case("npy-not-npy", ("--features", "{d}/text.npy"), "not a .npy file (bad magic bytes)",
+         "{d}/text.npy"),
+    Case("npy-dim-mismatch", ("--features", "{d}/good.npy", "--dim", "8"),
+         "features have D = 16 but dim 8 was given", "{d}/good.npy"),
+    # --- features: Parquet
+    Case("parquet-duplicate-ids", ("--features", "{d}/dup-ids.parquet", "--set", f"knn.k={K}"),
+         "id 5 appears more than once", "{d}/dup-ids.parquet"),
+    Case("parquet-int-embedding", ("--features", "{d}/int-embedding.parquet"),
+         "column 'embedding' has type list<", "{d}/int-embedding.parquet"),
+    Case("parquet-string-id", ("--features", "{d}/string-id.parquet"),
+         "column 'id' has type string, expected an integer type", "{d}/string-id.parquet"),
+    Case("parquet-no-embedding", ("--features", "{d}/no-embedding.parquet"),
+         "no column 'embedding' (columns: vec)", "{d}/no-embedding.parquet"),
+    Case("parquet-ragged-row", ("--features", "{d}/ragged.parquet", "--set", f"knn.k={K}"),
+         f"row 3 has {D - 1} values, expected D = {D}", "{d}/ragged.parquet"),
+    Case("parquet-not-parquet", ("--features", "{d}/text.parquet"),
+         "not a readable Parquet file", "{d}/text.parquet"),
+    # --- precomputed kNN (--knn)
+    Case("knn-pickle", _cluster("--knn", "{d}/pickle.npz"), "pickled arrays are refused",
+         "{d}/pickle.npz"),
+    Case("knn-wrong-rows", _cluster("--knn", "{d}/rows100.npz"),
+         f"kNN file has 100 rows but the features have {N}", "{d}/rows100.npz"),
+    Case("knn-small-k", _cluster("--knn", "{d}/k5.npz"),
+         f"kNN file has k=5 neighbours, config asks for knn.k={K}", "{d}/k5.npz"),
+    Case("knn-missing", _cluster("--knn", "{d}/nope.npz"), "kNN file not found",
+         "{d}/nope.npz"),
+    # --- method and config
+    Case("method-unknown", _cluster("--method", "magic"), "unknown method 'magic'", "--method"),
+    Case("config-unknown-key", _cluster("--set", "knn.bogus=1"), "unknown config key 'bogus'",
+         "--set"),
+    Case("config-wrong-type", _cluster("--set", "knn.k=ten"), "expected an integer, got 'ten'",
+         "knn.k"),
+    Case("config-out-of-range", _cluster("--set", "methods.knn-cc.threshold=1.5"),
+         "is a cosine similarity in [-1, 1], got 1.5", "methods.knn-cc.threshold"),
+    Case("config-bad-choice", _cluster("--set", "knn.index=hnsw"),
+         "must be one of flat, ivf, got 'hnsw'", "knn.index"),
+    Case("config-negative-seed", _cluster("--set", "seed=-1"), "must be >= 0, got -1", "seed"),
+    Case("config-file-missing", _cluster("--config", "{d}/nope.yaml"), "config file not found",
+         "{d}/nope.yaml"),
+    Case("config-not-yaml", _cluster("--config", "{d}/broken.yaml"), "not valid YAML",
+         "{d}/broken.yaml"),
+    Case("config-not-mapping", _cluster("--config", "{d}/list.yaml"),
+         "expected a mapping at '<top>'", "{d}/list.yaml"),
+    Case("set-without-value", _cluster("--set", "knn.k"), "expected key=value, got 'knn.k'",
+         "--set"),
+    # --- models
+    Case("model-not-given", _cluster("--method", "gcn-v"),
+         "gcn-v needs a model trained by jobs/train.py", "--model"),
+    Case("model-missing", _cluster("--method", "gcn-v", "--model", "{d}/no-model"),
+         "model directory not found", "{d}/no-model"),
+    Case("model-other-dim", _cluster("--method", "gcn-v", "--model", "{d}/model-d8"),
+         f"model was trained for dim 8, the features ({{d}}/good.bin) have {D}",
+         "{d}/model-d8"),
+    Case("model-other-k", _cluster("--method", "gcn-v", "--model", "{d}/model-d16", k=20),
+         f"model was trained with k={K}, the kNN graph has k=20", "{d}/model-d16"),
+    Case("model-json-corrupt", _cluster("--method", "gcn-v", "--model", "{d}/model-bad-json"),
+         "invalid model.json", "{d}/model-bad-json/model.json"),
+    Case("model-weights-corrupt",
+         _cluster("--method", "gcn-v", "--model", "{d}/model-bad-weights"),
+         "cannot read weights: not a torch.save archive", "{d}/model-bad-weights/weights.pt"),
+    Case("model-weights-pickle", _cluster("--method", "gcn-v", "--model", "{d}/model-pickle"),
+         "cannot read weights: refused to unpickle", "{d}/model-pickle/weights.pt"),
+    # --- output location
+    Case("output-is-file", _cluster("--output", "{d}/a-file"), "output path is a file",
+         "{d}/a-file"),
+    Case("output-complete", _cluster("--output", "{d}/finished"),
+         "already holds a completed result (_SUCCESS); pass --overwrite", "{d}/finished"),
+    Case("output-foreign", _cluster("--output", "{d}/someone-elses"),
+         "output directory is not empty and holds no ltc-ray result", "{d}/someone-elses"),
+    # --- flags, storage
+    Case("storage-options-not-json", _cluster("--storage-options", "region=eu-west-1"),
+         "is not valid JSON", "--storage-options"),
+    Case("storage-options-not-object", _cluster("--storage-options", "[1, 2]"),
+         "must be a JSON object", "--storage-options"),
+    Case("part-unknown", ("--part", "4", "--data-root", "{d}"),
+         "no such benchmark part 4; choose one of 0, 1, 3, 5, 7, 9", "--part"),
+    Case("part-and-features", ("--part", "1", "--features", "{d}/good.bin"),
+         "give either --part or --features, not both", "--part"),
+    Case("part-missing-data", ("--part", "1", "--data-root", "{d}/no-data"),
+         "feature file not found", "{d}/no-data/features/part1_test.bin"),
+    Case("no-input", ("--method", "knn-cc"), "an input is required", "--features"),
+    Case("unknown-flag", _cluster("--colour", "blue"), "unrecognized arguments: --colour",
+         "--colour"),
+    Case("num-cpus-zero", _cluster("--num-cpus", "0"), "must be a positive integer, got 0",
+         "--num-cpus"),
+    Case("s3-unreachable", ("--features", "s3://bucket/emb.bin", "--dim", str(D)),
+         "cannot access storage (EndpointConnectionError", "s3://bucket/emb.bin",
+         env=S3_UNREACHABLE),
+    Case("s3-no-credentials", ("--features", "s3://bucket/emb.bin", "--dim", str(D)),
+         "cannot access storage (NoCredentialsError", "s3://bucket/emb.bin",
+         env=S3_NO_CREDENTIALS),
+    Case("s3-output-unreachable", _cluster("--output", "s3://bucket/runs/x"),
+         "cannot access storage (EndpointConnectionError", "s3://bucket/runs/x",
+         env=S3_UNREACHABLE),
+    Case("s3-model-unreachable", _cluster("--method", "gcn-v", "--model", "s3://bucket/model"),
+         "cannot access storage (EndpointConnectionError", "s3://bucket/model",
+         env=S3_UNREACHABLE),
+    # --- the other jobs
+    Case("train-no-labels", ("--method", "gcn-v", "--features", "{d}/good.bin", "--dim", str(D),
+                             "--output", "{out}"),
+         "training needs labels", "--labels", job="train"),
+    Case("train-epochs-zero", (*TRAIN, "--epochs", "0", "--output", "{out}"),
+         "must be positive, got 0", "--epochs", job="train"),
+    Case("train-untrainable", (*TRAIN, "--method", "knn-cc", "--output", "{out}"),
+         "cannot train 'knn-cc'", "--method", job="train"),
+    Case("train-output-is-file", (*TRAIN, "--output", "{d}/a-file"),
+         "model output path is a file", "{d}/a-file", job="train"),
+    Case("tune-bad-grid", ("--method", "knn-cc", "--features", "{d}/good.bin", "--labels",
+                           "{d}/good.meta", "--dim", str(D), "--grid", "0.8:0.4:0.1",
+                           "--output-config", "{out}"),
+         "expected LOW:HIGH:STEP with STEP > 0", "--grid", job="tune"),
+    Case("evaluate-no-success", ("--pred", "{d}/unfinished", "--labels", "{d}/good.meta"),
+         "no _SUCCESS marker", "{d}/unfinished", job="evaluate"),
+    Case("synthetic-bad-parts", ("--data-root", "{out}", "--parts", "1,x"),
+         "expected a comma list of integers", "--parts", job="make_synthetic"),
+    Case("export-no-graph", ("--work-dir", "{d}/no-work", "--output", "{out}"),
+         "no complete kNN graph here", "{d}/no-work", job="export_knn"),
+]
+# fmt: on
+
+
+class _Evil:
+    """Unpickling this creates a directory: proof that a refused pickle never ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parquet(path: Path, x: np.ndarray, ids=None, ragged_row: int | None = None) -> None:
+    rows = [list(r) for r in x]
+    if ragged_row is not None:
+        rows[ragged_row] = rows[ragged_row][:-1]
+    cols = {"embedding": pa.array(rows, type=pa.list_(pa.float32()))}
+    if ids is not None:
+        cols["id"] = pa.array(ids)
+    pq.write_table(pa.table(cols), path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad-inputs")
+    x, labels = blobs(n_per=N // 10, n_clusters=10, dim=D, spread=0.5, seed=0)
+    write_bin(d / "good.bin", x, labels)  # also good.meta
+    raw = (d / "good.bin").read_bytes()
+    (d / "truncated.bin").write_bytes(raw[:-6])
+    (d / "empty.bin").write_bytes(b"")
+    write_bin(d / "one.bin", x[:1])
+    (d / "folder.bin").mkdir()
+    (d / "features.csv").write_text("1,2,3\n")
+    for name, row, value in (("nan", 7, np.nan), ("inf", 11, np.inf), ("zero", 42, None)):
+        bad = x.copy()
+        if value is None:
+            bad[row] = 0.0
+        else:
+            bad[row, 3] = value
+        write_bin(d / f"{name}.bin", bad)
+    lines = list(map(str, labels.tolist()))
+    (d / "short.meta").write_text("\n".join(lines[:-3]) + "\n")
+    (d / "long.meta").write_text("\n".join(lines + ["1", "2", "3"]) + "\n")
+    (d / "words.meta").write_text("\n".join(lines[:16] + ["abc"] + lines[17:]) + "\n")
+    (d / "empty.meta").write_text("")
+    np.save(d / "good.npy", x)
+    np.save(
+        d / "pickle.npy", np.array([_Evil(d / "pwned-npy")] * 2, dtype=object), allow_pickle=True
+    )
+    np.save(d / "flat.npy", x.ravel())
+    np.save(d / "ints.npy", np.ones((N, D), dtype=np.int64))
+    (d / "truncated.npy").write_bytes((d / "good.npy").read_bytes()[:-100])
+    (d / "text.npy").write_text("hello, not an array\n")
+    ids = np.arange(N, dtype=np.int64)
+    ids[9] = 5
+    _parquet(d / "dup-ids.parquet", x, ids)
+    pq.write_table(
+        pa.table({"embedding": pa.array([[1, 2], [3, 4]], pa.list_(pa.int32()))}),
+        d / "int-embedding.parquet",
+    )
+    _parquet(d / "string-id.parquet", x, [str(i) for i in range(N)])
+    pq.write_table(pa.table({"vec": pa.array([[1.0], [2.0]])}), d / "no-embedding.parquet")
+    _parquet(d / "ragged.parquet", x, ragged_row=3)
+    (d / "text.parquet").write_text("not parquet at all\n")
+    ragged_knn = np.empty((N, 2), dtype=object)
+    for i in range(N):
+        ragged_knn[i] = [_Evil(d / "pwned-npz"), np.zeros(3)]
+    np.savez(d / "pickle.npz", data=ragged_knn)
+    np.savez(d / "rows100.npz", data=np.zeros((100, 2, K)))
+    np.savez(d / "k5.npz", data=np.zeros((N, 2, 5)))
+    (d / "broken.yaml").write_text("knn: [1, 2\n")
+    (d / "list.yaml").write_text("- knn\n- k\n")
+    _models(d)
+    (d / "a-file").write_text("I am a file\n")
+    (d / "finished").mkdir()
+    (d / "finished" / "_SUCCESS").write_text('{"rows": 1}\n')
+    (d / "someone-elses").mkdir()
+    (d / "someone-elses" / "thesis.tex").write_text("\\documentclass{article}\n")
+    (d / "no-data").mkdir()
+    (d / "unfinished" / "clusters").mkdir(parents=True)
+    (d / "no-work").mkdir()
+    return d
+
+
+def _models(d: Path) -> None:
+    import torch
+
+    from ltc_ray.models.gcn_v import GCNV
+    from ltc_ray.models.store import save_model
+
+    save_model(str(d / "model-d8"), GCNV(8, 4), {"k": K, "thresholds": {"tau": 0.6}})
+    save_model(str(d / "model-d16"), GCNV(D, 4), {"k": K, "thresholds": {"tau": 0.6}})
+    bad_json = d / "model-bad-json"
+    save_model(str(bad_json), GCNV(D, 4), {"k": K})
+    (bad_json / "model.json").write_text('{"method": "gcn-v", "in_dim": ')
+    bad_weights = d / "model-bad-weights"
+    save_model(str(bad_weights), GCNV(D, 4), {"k": K})
+    (bad_weights / "weights.pt").write_bytes(b"\x00garbage" * 64)
+    pickled = d / "model-pickle"
+    save_model(str(pickled), GCNV(D, 4), {"k": K})
+    state = dict(GCNV(D, 4).state_dict())
+    state["payload"] = _Evil(d / "pwned-pt")
+    torch.save(state, pickled / "weights.pt")
+
+
+def _snapshot(path: Path):
+    """Everything at a location: None, a file's bytes, or a directory's files and bytes."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return path.read_bytes()
+    return {
+        p.relative_to(path).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(path.rglob("*"))
+    }
+
+
+def _env(case: Case) -> dict:
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "TQDM_DISABLE": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    if case.env:  # object storage that fails fast: a closed local port, one attempt
+        env.update(
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{_closed_port()}",
+            AWS_MAX_ATTEMPTS="1",
+            AWS_RETRY_MODE="standard",
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        )
+        for key, value in case.env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+    return env
+
+
+@dataclass
+class Run:
+    proc: subprocess.CompletedProcess
+    fill: dict  # the placeholders' values
+    output: Path | None  # the local output location (None: a URI)
+    before: object  # _snapshot of the output before and after the run
+    after: object
+
+
+def _run(case: Case, data: Path, tmp: Path) -> Run:
+    out = tmp / "out"
+    fill = {"d": str(data), "out": str(out)}
+    args = [a.format(**fill) for a in case.args]
+    if case.job == "cluster" and "--output" not in args:
+        args += ["--output", str(out)]
+    flag = next((f for f in ("--output", "--output-config") if f in args), None)
+    target = args[args.index(flag) + 1] if flag else str(out)
+    output = None if "://" in target else Path(target)
+    before = _snapshot(output) if output else None
+    proc = subprocess.run(
+        [PYTHON, f"jobs/{case.job}.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(case),
+    )
+    return Run(proc, fill, output, before, _snapshot(output) if output else None)
+
+
+@pytest.fixture(scope="module")
+def runs(request, data: Path, tmp_path_factory) -> dict[str, Run]:
+    """The selected cases, run as concurrent subprocesses (each is 1-3 s of imports)."""
+    here = Path(__file__)
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if Path(item.path) == here and hasattr(item, "callspec") and "case" in item.callspec.params
+    ]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {
+            c.id: pool.submit(_run, c, data, tmp_path_factory.mktemp(c.id)) for c in selected
+        }
+        return {case_id: f.result() for case_id, f in futures.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_2_with_one_line_before_work(case: Case, runs: dict[str, Run], data):
+    run = runs[case.id]
+    stderr = run.proc.stderr
+    lines = stderr.strip().splitlines()
+    assert run.proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr  # one line: also proves no Ray and no stage started
+    assert lines[0].startswith("error: "), lines[0]
+    assert case.message.format(**run.fill) in lines[0]
+    assert case.where.format(**run.fill) in lines[0]
+    if run.output is not None:
+        assert run.after == run.before  # nothing written, nothing removed
+        assert not Path(f"{run.output}.work").exists()
+        if run.before is None:
+            assert not run.output.exists()
+    assert not list(data.glob("pwned-*"))  # no pickle ever ran
+
+
+def _doc_rows() -> list[list[str]]:
+    rows = []
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and re.fullmatch(r"`[a-z0-9-]+`", cells[0]):
+            rows.append(cells)
+    return rows
+
+
+def test_doc_table_lists_exactly_the_tested_cases():
+    rows = _doc_rows()
+    doc_ids = [r[0].strip("`") for r in rows]
+    assert len(doc_ids) == len(set(doc_ids)), "duplicated rows in docs/bad-inputs.md"
+    assert len(CASES) == len({c.id for c in CASES}) >= 30
+    assert set(doc_ids) == {c.id for c in CASES}
+    messages = {c.id: c.message.replace("{d}/", "") for c in CASES}
+    for row in rows:
+        case_id, message, code = row[0].strip("`"), row[-2].replace("\\|", "|"), row[-1]
+        assert code == "2", case_id
+        assert messages[case_id] in message, (case_id, messages[case_id], message)
+
+
+def test_readme_links_the_table():
+    assert "docs/bad-inputs.md" in (REPO / "README.md").read_text()
+
+
+def test_self_describing_features_need_no_dim(data: Path):
+    """`dim` (default 256) is the width of a .bin: a 16-d .npy or Parquet needs no --dim,
+    and a --dim that disagrees with the file is refused."""
+    from ltc_ray.config import load_config
+    from ltc_ray.errors import InputError
+    from ltc_ray.pipeline.job import JobSpec, preflight_inputs
+
+    for name in ("good.npy", "ragged.parquet"):
+        spec = JobSpec(features=str(data / name), output="unused", config=load_config(None, []))
+        if name == "good.npy":
+            assert preflight_inputs(spec).dim == D
+        else:  # read past the header: the scan finds the short row
+            with pytest.raises(InputError, match="row 3 has 15 values"):
+                preflight_inputs(spec)
+    spec = JobSpec(
+        features=str(data / "good.npy"), output="unused", config=load_config(None, ["dim=8"])
+    )
+    with pytest.raises(InputError, match="D = 16 but dim 8"):
+        preflight_inputs(spec)
+
+
+def test_large_input_is_scanned_on_ray_before_the_knn(ray_local, tmp_path: Path, capsys):
+    """Above DRIVER_SCAN_MAX_BYTES the rows are scanned by Ray tasks in the plan stage:
+    still exit 2 naming the row, still before any kNN file or output is written."""
+    from ltc_ray.cli import main
+    from ltc_ray.config import load_config
+    from ltc_ray.io.features import inspect_features
+    from ltc_ray.pipeline.job import DRIVER_SCAN_MAX_BYTES, JobSpec, driver_scans
+
+    n = DRIVER_SCAN_MAX_BYTES // (4 * D) + 1000
+    x, _ = blobs(n_per=n // 10, n_clusters=10, dim=D, spread=0.5, seed=1)
+    x[-1, 0] = np.nan
+    path = tmp_path / "big.bin"
+    write_bin(path, x)
+    spec = JobSpec(features=str(path), output="unused", config=load_config(None, [f"dim={D}"]))
+    assert driver_scans(spec, inspect_features(str(path), D)) == set()  # the Ray path
+    out = tmp_path / "out"
+    args = ["--features", str(path), "--dim", str(D), "--set", f"knn.k={K}"]
+    code = main(["cluster", *args, "--output", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2
+    assert err == [f"error: {path}: row {len(x) - 1} contains NaN or Inf"]
+    assert not out.exists()
+    assert not (tmp_path / "out.work" / "knn").exists()  # the kNN never started
