@@ -279,7 +279,7 @@ def train_parser() -> argparse.ArgumentParser:
     _add_input_args(p, "labels (.meta); --part finds them itself")
     p.add_argument("--method", required=True, help="gcn-v or gcn-ve (GCN-V, then GCN-E)")
     p.add_argument("--output", required=True, help="model directory URI to write")
-    p.add_argument("--edge-epochs", type=int, help="gcn-ve: GCN-E training epochs (default 4)")
+    p.add_argument("--edge-epochs", type=int, help="gcn-ve: GCN-E training epochs (default 2)")
     p.add_argument("--rho", type=float, default=0.2,
                    help="gcn-ve: share of most confident nodes that use GCN-E (default 0.2)")
     p.add_argument("--epochs", type=int, help="training epochs")

@@ -1,8 +1,7 @@
-"""``gcn-ve``: GCN-V confidence, then GCN-E connectivity on a k = 160 graph of the GCN-V
-features: the top-rho most confident nodes choose their parent among their higher-
-confidence neighbours with a GCN over that candidate subgraph; the rest link to the
-nearest higher neighbour. Parent edges are kept when their cosine (on the GCN-V
-features) is above tau."""
+"""``gcn-ve``: GCN-V confidence, then GCN-E connectivity: on a k = 160 graph of the input
+features, the top-rho most confident nodes choose their parent among their higher-
+confidence neighbours with cosine > tau, by a GCN over that candidate subgraph whose node
+inputs are the GCN-V features; the rest link to the nearest such neighbour (GCN-V's rule)."""
 
 from __future__ import annotations
 

@@ -36,12 +36,14 @@ class TrainEConfig:
 
     Adam (lr 1e-3, L2 weight decay 1e-5) over mini-batches of ``batch_size`` subgraphs replaces
     learn-to-cluster's SGD (lr 0.1, momentum 0.9, 40 epochs, batch 1 with the loss
-    accumulated over 32 subgraphs): it converges in a few epochs. ``ignore_ratio`` 0.7 trains
+    accumulated over 32 subgraphs): it converges in a few epochs (2 by default: training
+    accuracy is 0.99 after the second at synthetic scale 0.05; more only fits the training
+    identities). ``ignore_ratio`` 0.7 trains
     on the top 30% most confident nodes (the reference's training setting); ``max_candidates``
     keeps only the nearest candidates; ``threads`` 0 keeps torch's thread count.
     """
 
-    epochs: int = 4
+    epochs: int = 2
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 64
