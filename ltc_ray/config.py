@@ -33,6 +33,10 @@ class KnnConfig:
     max_in_flight: int = 0  # query blocks in flight; 0 = 2 per actor
     recall_sample: int = 1000  # queries checked against exact search when approximate
     gpu: str = "auto"  # auto (use GPUs when the cluster has them) | never
+    # exact search engine: auto = torch on GPU workers (tensor cores, certified exact),
+    # faiss on CPUs | faiss | torch; IVF always uses faiss
+    backend: str = "auto"
+    precision: str = "auto"  # torch candidates: auto (fp16 GPU, fp32 CPU) | fp32 | fp16 | bf16
     reuse: bool = True  # reuse a precomputed learn-to-cluster faiss_k_<k>.npz when present
 
 
@@ -78,11 +82,72 @@ class GCNVEParams:
 
 
 @dataclass
+class InfomapParams:
+    """Infomap on the kNN graph with edges of cosine >= threshold, weighted by cosine
+    (two-level, undirected, seeded by ``seed``); one process, see cluster/whole_graph.py."""
+
+    threshold: float = 0.59  # tuned on synthetic part0_train (jobs/tune.py), see README
+    trials: int = 2  # Infomap trials (the best partition is kept)
+
+
+@dataclass
+class ChineseWhispersParams:
+    """Chinese whispers on the kNN graph with edges of cosine >= threshold (cosine-weighted
+    votes, a seeded random half of the nodes updated per round)."""
+
+    threshold: float = 0.54  # tuned on synthetic part0_train (jobs/tune.py), see README
+    iterations: int = 20  # rounds at most (stops early when no label would change)
+
+
+@dataclass
+class KnnDBSCANParams:
+    """DBSCAN on the kNN cosine-distance graph: core = >= min_samples points (self included)
+    within eps in the kNN row; border points join their nearest core; noise = singletons."""
+
+    eps: float = 0.29  # tuned on synthetic part0_train (jobs/tune.py), see README
+    min_samples: int = 4
+
+
+@dataclass
+class AROParams:
+    """Approximate rank-order (Otto et al.) over each node's top ``neighbors`` list; link
+    pairs with rank-order distance <= threshold, clusters = connected components."""
+
+    threshold: float = 1.25  # tuned on synthetic part0_train (jobs/tune.py), see README
+    neighbors: int = 20  # list length m (capped at k); cost O(N m^2)
+
+
+@dataclass
+class CDPParams:
+    """CDP-style linkage: components of edges with cosine >= threshold, re-cut with the
+    threshold raised by ``step`` while larger than ``max_size``."""
+
+    threshold: float = 0.68  # tuned on synthetic part0_train (jobs/tune.py), see README
+    max_size: int = 300
+    step: float = 0.05
+
+
+@dataclass
+class HACParams:
+    """Average-linkage HAC on the kNN graph (missing pairs = similarity 0), merging while
+    the average cosine is >= threshold (distance 1 - threshold)."""
+
+    threshold: float = 0.21  # tuned on synthetic part0_train (jobs/tune.py), see README
+    max_rounds: int = 1000  # reciprocal-pair merge rounds at most
+
+
+@dataclass
 class MethodsConfig:
     knn_cc: KnnCCParams = field(default_factory=KnnCCParams)
     density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
     gcn_v: GCNVParams = field(default_factory=GCNVParams)
     gcn_ve: GCNVEParams = field(default_factory=GCNVEParams)
+    infomap: InfomapParams = field(default_factory=InfomapParams)
+    chinese_whispers: ChineseWhispersParams = field(default_factory=ChineseWhispersParams)
+    knn_dbscan: KnnDBSCANParams = field(default_factory=KnnDBSCANParams)
+    aro: AROParams = field(default_factory=AROParams)
+    cdp: CDPParams = field(default_factory=CDPParams)
+    hac: HACParams = field(default_factory=HACParams)
 
 
 @dataclass
@@ -112,12 +177,17 @@ _CHOICES = {
     "knn.index": ("flat", "ivf"),
     "knn.mode": ("auto", "shard", "replicate"),
     "knn.gpu": ("auto", "never"),
+    "knn.backend": ("auto", "faiss", "torch"),
+    "knn.precision": ("auto", "fp32", "fp16", "bf16"),
     "cluster.merge": ("auto", "local", "forest"),
 }
 
 
 def _yaml_name(name: str) -> str:
-    return name.replace("_", "-") if name in ("knn_cc", "density_peak", "gcn_v", "gcn_ve") else name
+    return name.replace("_", "-") if name in _DASHED_METHODS else name
+
+
+_DASHED_METHODS = ("knn_cc", "density_peak", "gcn_v", "gcn_ve", "chinese_whispers", "knn_dbscan")
 
 
 def _to_yaml_names(tree: Any) -> Any:
@@ -223,6 +293,14 @@ def validate(cfg: Config) -> Config:
         "methods.gcn-v.batch_rows": cfg.methods.gcn_v.batch_rows,
         "methods.gcn-ve.batch_rows": cfg.methods.gcn_ve.batch_rows,
         "methods.gcn-ve.batch_size": cfg.methods.gcn_ve.batch_size,
+        "methods.infomap.trials": cfg.methods.infomap.trials,
+        "methods.chinese-whispers.iterations": cfg.methods.chinese_whispers.iterations,
+        "methods.knn-dbscan.eps": cfg.methods.knn_dbscan.eps,
+        "methods.knn-dbscan.min_samples": cfg.methods.knn_dbscan.min_samples,
+        "methods.aro.neighbors": cfg.methods.aro.neighbors,
+        "methods.cdp.max_size": cfg.methods.cdp.max_size,
+        "methods.cdp.step": cfg.methods.cdp.step,
+        "methods.hac.max_rounds": cfg.methods.hac.max_rounds,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -240,8 +318,12 @@ def validate(cfg: Config) -> Config:
             raise InputError(f"config {key}", f"must be >= 0, got {value}")
     if cfg.knn.k < 2:
         raise InputError("config knn.k", f"must be >= 2 (self + 1 neighbour), got {cfg.knn.k}")
+    if cfg.knn.backend == "torch" and cfg.knn.index != "flat":
+        raise InputError("config knn.backend", "torch searches exactly; it needs knn.index flat")
     for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau",
-                "methods.gcn-v.tau2", "methods.gcn-ve.tau"):
+                "methods.gcn-v.tau2", "methods.gcn-ve.tau", "methods.infomap.threshold",
+                "methods.chinese-whispers.threshold", "methods.cdp.threshold",
+                "methods.hac.threshold"):
         value = _get(cfg, key)
         if value is not None and not -1.0 <= value <= 1.0:
             raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")

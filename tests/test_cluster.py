@@ -18,6 +18,7 @@ from ltc_ray.cluster import (
     spanning_forest,
 )
 from ltc_ray.cluster.base import higher_ranked
+from ltc_ray.cluster.whole_graph import labels_to_clusters
 from ltc_ray.config import ClusterConfig, Config, KnnConfig
 from ltc_ray.errors import InputError
 from ltc_ray.io.features import inspect_features
@@ -138,6 +139,9 @@ def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **para
         scores = np.concatenate(scores)
     else:
         scores = np.concatenate([method.score(p) for p in inputs])
+    if method.whole_graph:  # one call over all rows, as the pipeline's single task does
+        cid, _, _, parent = labels_to_clusters(method.cluster_graph(knn_ids, knn_sims), scores)
+        return cid, parent, scores
     links = [method.link(p, scores) for p in inputs]
     parent = np.concatenate([lk.parent for lk in links])
     cid, _, _ = merge_edges(n, [spanning_forest(lk.src, lk.dst) for lk in links])
@@ -155,7 +159,10 @@ def blob_graph():
 @pytest.mark.parametrize("name", ROW_METHODS)
 def test_every_method_recovers_separated_blobs(blob_graph, name, tmp_path):
     x, ids, sims, labels = blob_graph
-    threshold = {"knn-cc": {"threshold": 0.6}, "density-peak": {"tau": 0.6}, "gcn-v": {"tau": 0.6}}
+    threshold = {"knn-cc": {"threshold": 0.6}, "density-peak": {"tau": 0.6}, "gcn-v": {"tau": 0.6},
+                 "infomap": {"threshold": 0.6}, "chinese-whispers": {"threshold": 0.6},
+                 "knn-dbscan": {"eps": 0.4}, "aro": {"threshold": 1.5},
+                 "cdp": {"threshold": 0.6, "max_size": 60}, "hac": {"threshold": 0.4}}
     cid, parent, scores = _run_in_process(name, x, ids, sims, 1, tmp_path, **threshold[name])
     assert _same_partition(cid, labels)
     assert pairwise_prf(labels, cid)[2] == 1.0

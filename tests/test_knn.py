@@ -11,7 +11,7 @@ from ltc_ray.config import KnnConfig
 from ltc_ray.graph import read_knn_rows
 from ltc_ray.io.features import inspect_features
 from ltc_ray.knn import exact_knn, merge_topk, put_self_first, recall_at_k, search_block
-from ltc_ray.knn.search import build_index, rescore
+from ltc_ray.knn.search import TIE_MARGIN, build_index, rescore
 from ltc_ray.pipeline.knn_stage import build_knn_graph, plan_knn_layout
 
 
@@ -149,6 +149,47 @@ def test_shard_count_does_not_change_the_graph(ray_local, knn_data, tmp_path):
         graphs.append(read_knn_rows(manifest, 0, info.n_rows))
     np.testing.assert_array_equal(graphs[0][0], graphs[1][0])
     np.testing.assert_array_equal(graphs[0][1], graphs[1][1])  # bitwise: float64 rescoring
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_backend_graph_equals_faiss_bitwise(ray_local, knn_data, tmp_path, precision):
+    """The torch backend (what GPU workers use; here on CPU, with fp16/bf16 candidates as
+    on tensor cores) gives the same graph as faiss, bit for bit, sharded or not."""
+    path, _ = knn_data
+    info = inspect_features(str(path), dim=48)
+    ref, _ = build_knn_graph(info, KnnConfig(k=25, block_rows=700), str(tmp_path / "f"),
+                             {"CPU": 2.0})
+    cfg = KnnConfig(k=25, mode="shard", shards=2, block_rows=700, backend="torch",
+                    precision=precision)
+    got, stats = build_knn_graph(info, cfg, str(tmp_path / "t"), {"CPU": 2.0})
+    assert stats["backend"] == [f"torch-cpu-{precision}"]
+    for a, b in zip(read_knn_rows(ref, 0, info.n_rows), read_knn_rows(got, 0, info.n_rows),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_torch_index_certificate_refines_near_ties():
+    """Low-precision candidates are certified against the rounding bound: on data with
+    near-duplicate rows bf16 cannot separate, the uncertain rows are searched again in
+    fp32 and the top-k equals exact fp32 search."""
+    from ltc_ray.knn.torch_index import TorchFlatIndex, error_bound
+
+    rng = np.random.default_rng(5)
+    base = _unit(rng.standard_normal((40, 32)).astype(np.float32))
+    x = _unit(np.repeat(base, 50, axis=0) + 1e-3 * rng.standard_normal((2000, 32)))
+    x = x.astype(np.float32)
+    def graph(index):  # what a kNN actor does with any index
+        ids, _ = search_block(index, x, 60 + TIE_MARGIN)
+        return merge_topk([(ids, rescore(x, x, ids))], 60)
+
+    low = TorchFlatIndex(x, precision="bf16", margin=8, tile_elems=2000 * 300)
+    got = graph(low)
+    assert low.rows_refined > 0  # the certificate fired
+    for a, b in zip(graph(build_index(x, "flat")), got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert error_bound("bf16", 32) > error_bound("fp16", 32) > 0
+    with pytest.raises(ValueError):
+        TorchFlatIndex(x, precision="fp8")
 
 
 def test_completed_graph_is_reused(ray_local, knn_data, tmp_path):

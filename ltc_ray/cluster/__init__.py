@@ -1,6 +1,7 @@
 """Clustering methods (one protocol, a registry) and the global merge."""
 
 from ltc_ray.cluster import (  # noqa: F401  (register the methods)
+    baselines,
     density_peak,
     gcn_v,
     gcn_ve,

@@ -55,12 +55,16 @@ class ClusterMethod(abc.ABC):
     # Methods whose link needs neighbours' features and kNN rows (GCN-E) link with
     # ``link_halo`` on actors over the feature graph instead of ``link`` in tasks.
     needs_link_halo: ClassVar[bool] = False
+    # Whole-graph methods (``cluster.whole_graph.WholeGraphMethod``) cluster all kNN rows
+    # in one Ray task with ``cluster_graph`` instead of linking per partition.
+    whole_graph: ClassVar[bool] = False
     # The params fields ``score`` depends on (resumable runs reuse stored scores when only
     # other fields change, e.g. a link threshold); None = all of them (always safe).
     score_params: ClassVar[tuple[str, ...] | None] = None
     # fsspec options for the method's own files (a model on object storage); set by
     # ``get_method`` before ``__init__`` runs, so every subclass's loader can use it
     storage_options: dict | None = None
+    seed: int = 0  # ``Config.seed``, set by ``get_method`` like ``storage_options``
 
     def __init__(self, params: Any, k: int):
         self.params = params
@@ -103,6 +107,7 @@ def get_method(name: str, config: Any, storage_options: dict | None = None) -> C
     cls = REGISTRY[name]
     method = cls.__new__(cls)
     method.storage_options = storage_options
+    method.seed = int(getattr(config, "seed", 0))  # seeded methods (Infomap, CW) use it
     method.__init__(getattr(config.methods, cls.params_key), config.knn.k)
     return method
 

@@ -22,7 +22,7 @@ from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo
 from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
-from ltc_ray.pipeline.stages import delay_for_tests
+from ltc_ray.pipeline.stages import delay_for_tests, slice_rows
 
 log = logging.getLogger("ltc_ray")
 
@@ -75,6 +75,43 @@ def _merge(n_rows: int, n_parts: int, *refs):
     cluster_id, sizes, _ = merge_edges(n_rows, list(edge_lists))
     reps = representatives(cluster_id, np.concatenate(score_parts), len(sizes))
     return cluster_id, (sizes, reps), peak_rss_bytes()
+
+
+@ray.remote(num_returns=4, max_retries=3)
+def _cluster_whole_graph(method: ClusterMethod, manifest: KnnManifest, so: dict | None,
+                         *score_parts):
+    """A whole-graph method (``cluster.whole_graph``) in ONE task: read every kNN row
+    from the graph files, cluster, then dense ids, summary and parents."""
+    from ltc_ray.cluster.whole_graph import labels_to_clusters
+
+    delay_for_tests("link")
+    knn_ids, knn_sims = read_knn_rows(manifest, 0, manifest.n_rows, so)
+    edges = int(np.count_nonzero(knn_ids[:, 1:] >= 0))
+    labels = method.cluster_graph(knn_ids, knn_sims)
+    del knn_ids, knn_sims
+    cluster_id, sizes, reps, parent = labels_to_clusters(labels, np.concatenate(score_parts))
+    stats = {"edges": edges, "peak_rss": peak_rss_bytes()}
+    return cluster_id, (sizes, reps), parent, stats
+
+
+def _whole_graph_stage(method: ClusterMethod, manifest: KnnManifest,
+                       ranges: list[tuple[int, int]], scores: list, so: dict | None,
+                       stage_log) -> ClusterRefs:
+    n = manifest.n_rows
+    with stage_log.stage("link", rows=n) as rec:
+        cluster_id, summary, parent, stats_ref = _cluster_whole_graph.remote(
+            method, manifest, so, *scores)
+        stats = ray_get(stats_ref)
+        rec.worker_peak_rss_bytes = stats["peak_rss"]
+        rec.extra.update(edges=stats["edges"], merge_mode="whole-graph")
+    with stage_log.stage("merge", rows=n) as rec:
+        sizes, _ = ray_get(summary)
+        rec.extra["n_clusters"] = len(sizes)
+        log.info("%s (whole graph): %d clusters, largest %d", method.name, len(sizes),
+                 int(sizes[0]) if len(sizes) else 0)
+    parents = [slice_rows.remote(parent, lo, hi) for lo, hi in ranges]
+    return ClusterRefs(ranges=ranges, scores=scores, parents=parents, cluster_id=cluster_id,
+                       summary=summary, n_clusters=len(sizes))
 
 
 @dataclass
@@ -168,9 +205,12 @@ def link_merge_stage(
     cpus: float = 1.0,
 ) -> ClusterRefs:
     """Link every partition given all scores, then the global merge. Methods that link
-    with a two-hop halo (GCN-E) link on actors over ``manifest``'s rows of ``info``."""
+    with a two-hop halo (GCN-E) link on actors over ``manifest``'s rows of ``info``.
+    Whole-graph methods (``method.whole_graph``) run in one task instead."""
     n = manifest.n_rows
     so = storage_options
+    if method.whole_graph:  # one task over the whole graph (see cluster.whole_graph)
+        return _whole_graph_stage(method, manifest, ranges, scores, so, stage_log)
     merge_mode = cfg.merge
     if merge_mode == "auto":
         merge_mode = "local" if n * (manifest.k - 1) <= cfg.merge_local_max_edges else "forest"

@@ -91,6 +91,29 @@ def plan_knn_layout(n_rows: int, dim: int, cfg: KnnConfig, resources: dict) -> K
     )
 
 
+def _exact_or_ivf_index(xb: np.ndarray, cfg: KnnConfig, seed: int, want_gpu: bool):
+    """(backend name, index) for this worker: ``knn.backend`` auto picks torch on a CUDA
+    device (tensor-core candidates, certified exact) and faiss elsewhere; IVF is faiss's.
+    Every backend gives the same graph: candidates are re-scored in float64 afterwards."""
+    import torch
+
+    cuda = want_gpu and torch.cuda.is_available()
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "torch" if cuda and cfg.index == "flat" else "faiss"
+    if backend == "torch":  # (config validation refuses torch with IVF)
+        from ltc_ray.knn.torch_index import TorchFlatIndex
+
+        precision = None if cfg.precision == "auto" else cfg.precision
+        index = TorchFlatIndex(xb, "cuda" if cuda else "cpu", precision)
+        return f"torch-{index.device.type}-{index.precision}", index
+    use_gpu = want_gpu and faiss.get_num_gpus() > 0
+    if want_gpu and not use_gpu:
+        log.warning("GPU requested but this faiss build has no GPU support; using CPU")
+    index = build_index(xb, cfg.index, cfg.nlist, cfg.nprobe, seed, use_gpu)
+    return ("faiss-gpu" if use_gpu else "faiss-cpu"), index
+
+
 @ray.remote(max_restarts=3, max_task_retries=3)
 class KnnShardActor:
     """Holds rows ``[start, stop)`` of the database and answers top-k queries."""
@@ -102,11 +125,7 @@ class KnnShardActor:
         self.start = start
         self.cfg = cfg
         self.xb = read_features(info, start, stop)
-        use_gpu = want_gpu and faiss.get_num_gpus() > 0
-        if want_gpu and not use_gpu:
-            log.warning("GPU requested but this faiss build has no GPU support; using CPU")
-        self.backend = "faiss-gpu" if use_gpu else "faiss-cpu"
-        self.index = build_index(self.xb, cfg.index, cfg.nlist, cfg.nprobe, seed, use_gpu)
+        self.backend, self.index = _exact_or_ivf_index(self.xb, cfg, seed, want_gpu)
         self.exact_index = None
 
     def backend_name(self) -> str:
