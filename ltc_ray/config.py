@@ -137,6 +137,17 @@ class HACParams:
 
 
 @dataclass
+class KMeansParams:
+    """Spherical faiss k-means on the features; K and the starting centroids from the
+    components of kNN edges with cosine >= threshold, unless n_clusters > 0."""
+
+    threshold: float = 0.71  # tuned on synthetic part0_train (jobs/tune.py), see README
+    n_clusters: int = 0  # > 0: fixed K with seeded random init (nredo restarts)
+    niter: int = 20
+    nredo: int = 3
+
+
+@dataclass
 class MethodsConfig:
     knn_cc: KnnCCParams = field(default_factory=KnnCCParams)
     density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
@@ -148,6 +159,7 @@ class MethodsConfig:
     aro: AROParams = field(default_factory=AROParams)
     cdp: CDPParams = field(default_factory=CDPParams)
     hac: HACParams = field(default_factory=HACParams)
+    kmeans: KMeansParams = field(default_factory=KMeansParams)
 
 
 @dataclass
@@ -301,6 +313,8 @@ def validate(cfg: Config) -> Config:
         "methods.cdp.max_size": cfg.methods.cdp.max_size,
         "methods.cdp.step": cfg.methods.cdp.step,
         "methods.hac.max_rounds": cfg.methods.hac.max_rounds,
+        "methods.kmeans.niter": cfg.methods.kmeans.niter,
+        "methods.kmeans.nredo": cfg.methods.kmeans.nredo,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -312,6 +326,7 @@ def validate(cfg: Config) -> Config:
         "knn.max_in_flight": cfg.knn.max_in_flight,
         "knn.recall_sample": cfg.knn.recall_sample,
         "cluster.partitions": cfg.cluster.partitions,
+        "methods.kmeans.n_clusters": cfg.methods.kmeans.n_clusters,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -323,7 +338,7 @@ def validate(cfg: Config) -> Config:
     for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau",
                 "methods.gcn-v.tau2", "methods.gcn-ve.tau", "methods.infomap.threshold",
                 "methods.chinese-whispers.threshold", "methods.cdp.threshold",
-                "methods.hac.threshold"):
+                "methods.hac.threshold", "methods.kmeans.threshold"):
         value = _get(cfg, key)
         if value is not None and not -1.0 <= value <= 1.0:
             raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")

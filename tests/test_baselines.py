@@ -22,7 +22,7 @@ from ltc_ray.cluster.whole_graph import (
 from ltc_ray.config import Config, KnnConfig
 from ltc_ray.knn import exact_knn
 
-BASELINES = ("infomap", "chinese-whispers", "knn-dbscan", "aro", "cdp", "hac")
+BASELINES = ("infomap", "chinese-whispers", "knn-dbscan", "aro", "cdp", "hac", "kmeans")
 
 
 def _method(name: str, k: int, seed: int = 0, **params):
@@ -75,7 +75,15 @@ def test_row_argmax_breaks_ties_to_the_smallest_column():
 def test_seed_does_not_change_separated_blobs(name):
     x, labels = blobs(n_per=25, n_clusters=8, dim=32, spread=0.3, seed=5)
     ids, sims = _graph(x, 30)
-    runs = [_method(name, 30, seed=s).cluster_graph(ids, sims) for s in (0, 1, 0)]
+    xn = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    def run(seed):
+        method = _method(name, 30, seed=seed)
+        if getattr(method, "needs_features", False):  # kmeans reads the features too
+            return method.cluster_features(xn, ids, sims)
+        return method.cluster_graph(ids, sims)
+
+    runs = [run(s) for s in (0, 1, 0)]
     assert _same_partition(runs[0], labels)
     assert _same_partition(runs[1], labels)
     np.testing.assert_array_equal(runs[0], runs[2])  # same seed, identical labels
@@ -166,3 +174,21 @@ def test_chinese_whispers_and_infomap_respect_the_threshold():
     for name in ("chinese-whispers", "infomap"):
         none = _method(name, 15, threshold=0.9999).cluster_graph(ids, sims)
         assert len(np.unique(none)) == len(ids)  # no edge survives: all singletons
+
+
+def test_kmeans_refines_graph_components_and_fixed_k_is_seeded():
+    """K and the first centroids come from the kNN components at ``threshold``: touching
+    blobs that one component joins stay one cluster, and a threshold that splits them
+    gives the blobs back. With ``n_clusters`` fixed, the random init is seeded."""
+    x, labels = blobs(40, 6, 24, spread=0.5, seed=11)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids, sims = exact_knn(x, 30)
+    split = _method("kmeans", 30, threshold=0.6).cluster_features(x, ids, sims)
+    assert _same_partition(split, labels)
+    wide_ids, wide_sims = exact_knn(x, 60)  # rows reach into other blobs
+    one = _method("kmeans", 60, threshold=-1.0).cluster_features(x, wide_ids, wide_sims)
+    assert len(np.unique(one)) == 1  # every kNN edge kept: one component, K = 1
+    fixed = [_method("kmeans", 30, seed=s, n_clusters=6, nredo=5).cluster_features(x, ids, sims)
+             for s in (0, 0, 3)]
+    assert np.array_equal(fixed[0], fixed[1])
+    assert len(np.unique(fixed[2])) == 6

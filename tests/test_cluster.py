@@ -140,7 +140,10 @@ def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **para
     else:
         scores = np.concatenate([method.score(p) for p in inputs])
     if method.whole_graph:  # one call over all rows, as the pipeline's single task does
-        cid, _, _, parent = labels_to_clusters(method.cluster_graph(knn_ids, knn_sims), scores)
+        labels = (method.cluster_features(x, knn_ids, knn_sims)
+                  if getattr(method, "needs_features", False)
+                  else method.cluster_graph(knn_ids, knn_sims))
+        cid, _, _, parent = labels_to_clusters(labels, scores)
         return cid, parent, scores
     links = [method.link(p, scores) for p in inputs]
     parent = np.concatenate([lk.parent for lk in links])
@@ -162,7 +165,8 @@ def test_every_method_recovers_separated_blobs(blob_graph, name, tmp_path):
     threshold = {"knn-cc": {"threshold": 0.6}, "density-peak": {"tau": 0.6}, "gcn-v": {"tau": 0.6},
                  "infomap": {"threshold": 0.6}, "chinese-whispers": {"threshold": 0.6},
                  "knn-dbscan": {"eps": 0.4}, "aro": {"threshold": 1.5},
-                 "cdp": {"threshold": 0.6, "max_size": 60}, "hac": {"threshold": 0.4}}
+                 "cdp": {"threshold": 0.6, "max_size": 60}, "hac": {"threshold": 0.4},
+                 "kmeans": {"threshold": 0.6}}
     cid, parent, scores = _run_in_process(name, x, ids, sims, 1, tmp_path, **threshold[name])
     assert _same_partition(cid, labels)
     assert pairwise_prf(labels, cid)[2] == 1.0

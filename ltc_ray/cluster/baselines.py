@@ -279,3 +279,51 @@ class AverageHAC(WholeGraphMethod):
                 "hac: stopped after max_rounds=%d rounds with merges left", self.params.max_rounds
             )
         return labels
+
+
+@register
+class KMeans(WholeGraphMethod):
+    """Spherical k-means (faiss) on the features, in the same single task as the other
+    whole-graph methods, which then also reads the feature matrix (N·D·4 bytes more).
+
+    The cluster count and the starting centroids come from the kNN graph: the connected
+    components of edges with cosine >= ``threshold`` (knn-cc's clusters) give K and
+    their normalised means seed the centroids, so k-means refines a graph clustering
+    instead of depending on a random draw (faiss' random init merges and splits
+    clusters). ``n_clusters`` > 0 fixes K instead and then uses faiss' seeded random
+    init with ``nredo`` restarts. ``threshold`` is what ``jobs/tune.py`` searches."""
+
+    name = "kmeans"
+    params_key = "kmeans"
+    tunable = ("threshold", 0.30, 0.95, 0.01)
+    needs_features = True
+
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("kmeans clusters the features (cluster_features)")
+
+    def cluster_features(self, x: np.ndarray, knn_ids: np.ndarray,
+                         knn_sims: np.ndarray) -> np.ndarray:
+        import faiss
+
+        p = self.params
+        n, d = x.shape
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if p.n_clusters > 0:
+            k = min(int(p.n_clusters), n)
+            km = faiss.Kmeans(d, k, niter=p.niter, nredo=p.nredo, seed=self.seed,
+                              spherical=True, verbose=False, min_points_per_centroid=1)
+            km.train(x)
+        else:
+            src, dst, _ = knn_edges(knn_ids, knn_sims, p.threshold)
+            _, start = np.unique(components(n, src, dst), return_inverse=True)
+            start = start.reshape(-1)
+            k = int(start.max()) + 1
+            member = sp.csr_matrix((np.ones(n, np.float32), (start, np.arange(n))), shape=(k, n))
+            centroids = np.asarray(member @ x, dtype=np.float32)
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            km = faiss.Kmeans(d, k, niter=p.niter, seed=self.seed, spherical=True,
+                              verbose=False, min_points_per_centroid=1)
+            km.train(x, init_centroids=centroids)
+        log.info("kmeans: %d clusters over %d rows", k, n)
+        _, assign = km.index.search(x, 1)
+        return assign.reshape(-1).astype(np.int64)

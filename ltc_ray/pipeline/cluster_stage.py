@@ -19,7 +19,7 @@ from ltc_ray.cluster.base import ClusterMethod, PartitionInput
 from ltc_ray.cluster.components import merge_edges, representatives, spanning_forest
 from ltc_ray.config import ClusterConfig
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
-from ltc_ray.io.features import FeatureInfo
+from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
 from ltc_ray.pipeline.stages import delay_for_tests, slice_rows
@@ -79,7 +79,7 @@ def _merge(n_rows: int, n_parts: int, *refs):
 
 @ray.remote(num_returns=4, max_retries=3)
 def _cluster_whole_graph(method: ClusterMethod, manifest: KnnManifest, so: dict | None,
-                         *score_parts):
+                         features: FeatureInfo | None, *score_parts):
     """A whole-graph method (``cluster.whole_graph``) in ONE task: read every kNN row
     from the graph files, cluster, then dense ids, summary and parents."""
     from ltc_ray.cluster.whole_graph import labels_to_clusters
@@ -87,7 +87,13 @@ def _cluster_whole_graph(method: ClusterMethod, manifest: KnnManifest, so: dict 
     delay_for_tests("link")
     knn_ids, knn_sims = read_knn_rows(manifest, 0, manifest.n_rows, so)
     edges = int(np.count_nonzero(knn_ids[:, 1:] >= 0))
-    labels = method.cluster_graph(knn_ids, knn_sims)
+    if getattr(method, "needs_features", False):  # k-means: the features too
+        if features is None:
+            raise ValueError(f"{method.name} needs the feature matrix")
+        labels = method.cluster_features(read_features(features, 0, manifest.n_rows),
+                                         knn_ids, knn_sims)
+    else:
+        labels = method.cluster_graph(knn_ids, knn_sims)
     del knn_ids, knn_sims
     cluster_id, sizes, reps, parent = labels_to_clusters(labels, np.concatenate(score_parts))
     stats = {"edges": edges, "peak_rss": peak_rss_bytes()}
@@ -96,11 +102,11 @@ def _cluster_whole_graph(method: ClusterMethod, manifest: KnnManifest, so: dict 
 
 def _whole_graph_stage(method: ClusterMethod, manifest: KnnManifest,
                        ranges: list[tuple[int, int]], scores: list, so: dict | None,
-                       stage_log) -> ClusterRefs:
+                       stage_log, features: FeatureInfo | None = None) -> ClusterRefs:
     n = manifest.n_rows
     with stage_log.stage("link", rows=n) as rec:
         cluster_id, summary, parent, stats_ref = _cluster_whole_graph.remote(
-            method, manifest, so, *scores)
+            method, manifest, so, features, *scores)
         stats = ray_get(stats_ref)
         rec.worker_peak_rss_bytes = stats["peak_rss"]
         rec.extra.update(edges=stats["edges"], merge_mode="whole-graph")
@@ -150,7 +156,7 @@ def run_cluster_stage(
         scores, _ = score_stage(method, manifest, ranges, cpus, storage_options, stage_log,
                                 info=info, feature_dir=feature_dir, gpus=gpus)
     return link_merge_stage(method, link_manifest or manifest, ranges, scores, cfg,
-                            storage_options, stage_log)
+                            storage_options, stage_log, features=info)
 
 
 def score_stage(
@@ -203,6 +209,7 @@ def link_merge_stage(
     stage_log,
     info: FeatureInfo | None = None,
     cpus: float = 1.0,
+    features: FeatureInfo | None = None,
 ) -> ClusterRefs:
     """Link every partition given all scores, then the global merge. Methods that link
     with a two-hop halo (GCN-E) link on actors over ``manifest``'s rows of ``info``.
@@ -210,7 +217,7 @@ def link_merge_stage(
     n = manifest.n_rows
     so = storage_options
     if method.whole_graph:  # one task over the whole graph (see cluster.whole_graph)
-        return _whole_graph_stage(method, manifest, ranges, scores, so, stage_log)
+        return _whole_graph_stage(method, manifest, ranges, scores, so, stage_log, features)
     merge_mode = cfg.merge
     if merge_mode == "auto":
         merge_mode = "local" if n * (manifest.k - 1) <= cfg.merge_local_max_edges else "forest"

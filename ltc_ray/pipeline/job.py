@@ -401,7 +401,7 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
             )
     store.begin("link")
     refs = link_merge_stage(method, graph, ranges, scores, cfg.cluster, so, stages,
-                            info=link_info, cpus=cpus if feature_pass else 1.0)
+                            info=link_info, cpus=cpus if feature_pass else 1.0, features=info)
     ray_get([save_concat.remote(parents_uri, so, *refs.parents),
              save_concat.remote(cid_uri, so, refs.cluster_id),
              save_pair.remote(sizes_uri, reps_uri, so, refs.summary)])
