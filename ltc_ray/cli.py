@@ -119,11 +119,77 @@ def cluster_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="clustering method (default from config: density-peak)")
     p.add_argument("--model", help="model directory for learned methods (jobs/train.py output)")
     p.add_argument("--overwrite", action="store_true", help="replace a completed output")
+    plan = p.add_argument_group("planning (--dry-run: print the plan, compute and write nothing)")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="print input size, kNN layout, partitions, per-worker memory and "
+                      "expected stage times for this cluster, then exit")
+    plan.add_argument("--resources", metavar="JSON",
+                      help='plan for a hypothetical cluster, e.g. \'{"CPU": 64, "GPU": 8}\' '
+                      "(default: the cluster's own, read from Ray)")
+    plan.add_argument("--rows", type=int,
+                      help="plan a hypothetical corpus of this many rows (with --dim; no input)")
     return p
+
+
+def _resources(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError("--resources", "is not valid JSON") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+        for v in value.values()
+    ):
+        raise InputError("--resources", 'must be a JSON object of counts, e.g. {"CPU": 64}')
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def cluster_dry_run(args: argparse.Namespace) -> int:
+    """``--dry-run``: the plan from file headers (or ``--rows``/``--dim``) and the cluster's
+    resources; Ray is started only to read those, and nothing is written anywhere."""
+    from ltc_ray.pipeline.plan import format_plan, make_plan
+
+    cfg = _config(args)
+    resources = _resources(args.resources)
+    if args.rows is not None:
+        if args.rows < 2:
+            raise InputError("--rows", f"must be at least 2, got {args.rows}")
+        if args.part is not None or args.features:
+            raise InputError("--rows", "plans a hypothetical corpus: drop --part/--features")
+        n, dim, source, hypothetical = args.rows, cfg.dim, "hypothetical corpus (--rows)", True
+    else:
+        from ltc_ray.io.features import DEFAULT_BIN_DIM, feature_format, inspect_features
+
+        features, _, _, _ = _resolve_inputs(args)
+        so = _storage_options(args.storage_options)
+        with storage_errors(features):
+            fmt = feature_format(features)
+            dim = cfg.dim if fmt == "bin" or cfg.dim != DEFAULT_BIN_DIM else None
+            info = inspect_features(features, dim, so)  # headers only
+        n, dim, source, hypothetical = info.n_rows, info.dim, features, False
+    if resources is None:
+        import ray
+
+        from ltc_ray.pipeline.runtime import init_ray
+
+        started = not ray.is_initialized()
+        resources = init_ray(args.num_cpus)
+        if started:
+            ray.shutdown()
+    print(format_plan(make_plan(n, dim, cfg, resources, source=source,
+                                hypothetical=hypothetical)))
+    return EXIT_OK
 
 
 def cluster_main(argv: Sequence[str]) -> int:
     args = cluster_parser().parse_args(argv)
+    if args.dry_run:
+        return cluster_dry_run(args)
+    for flag, value in (("--resources", args.resources), ("--rows", args.rows)):
+        if value is not None:
+            raise InputError(flag, "only applies with --dry-run")
     features, labels, knn, name = _resolve_inputs(args)
     cfg = _config(args)
     from ltc_ray.pipeline import JobSpec, run_job  # after the cheap checks: imports Ray

@@ -37,7 +37,18 @@ def init_ray(num_cpus: int | None = None) -> dict[str, float]:
 
 
 def peak_rss_bytes() -> int:
-    """Lifetime peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process image, in bytes.
+
+    Linux: ``VmHWM`` from /proc/self/status, which starts afresh at exec; ``ru_maxrss``
+    keeps the high-water mark of the process that forked it (a large driver or raylet
+    would inflate a small worker's figure). Elsewhere ``ru_maxrss`` (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
