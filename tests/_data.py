@@ -23,3 +23,23 @@ def write_bin(path: Path, x: np.ndarray, labels: np.ndarray | None = None) -> No
     np.ascontiguousarray(x, dtype="<f4").tofile(path)
     if labels is not None:
         path.with_suffix(".meta").write_text("\n".join(map(str, labels.tolist())) + "\n")
+
+
+def random_knn(
+    n: int, k: int, seed: int | np.random.Generator, low: float = -0.4
+) -> tuple[np.ndarray, np.ndarray]:
+    """An asymmetric kNN graph with negative similarities (down to ``low``) and a few empty
+    (-1) slots: ``(n, k) int32`` ids and ``(n, k) float32`` sims, descending, self at rank 0.
+    ``seed`` may be a generator the caller keeps drawing from afterwards."""
+    rng = np.random.default_rng(seed)
+    ids = np.empty((n, k), dtype=np.int32)
+    sims = np.empty((n, k), dtype=np.float32)
+    for i in range(n):
+        others = rng.choice(np.delete(np.arange(n), i), size=k - 1, replace=False)
+        s = np.sort(rng.uniform(low, 1.0, size=k - 1).astype(np.float32))[::-1]
+        ids[i] = np.concatenate([[i], others])
+        sims[i] = np.concatenate([[1.0], s])
+    empty = rng.random((n, k)) < 0.05
+    empty[:, 0] = False
+    ids[empty], sims[empty] = -1, -np.inf
+    return ids, sims

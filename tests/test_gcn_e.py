@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _data import blobs
+from _data import blobs, random_knn
 
 from ltc_ray.errors import InputError
 from ltc_ray.graph.adjacency import whole_graph_adjacency
@@ -30,16 +30,8 @@ def random_graph(n: int, k: int, d: int, seed: int, levels: int = 6):
     """A random asymmetric kNN graph (self first, sims descending, some negative, a few -1
     slots), unit features and confidences with many ties (``levels`` distinct values)."""
     rng = np.random.default_rng(seed)
-    ids = np.empty((n, k), dtype=np.int64)
-    sims = np.empty((n, k), dtype=np.float32)
-    for i in range(n):
-        others = rng.choice(np.delete(np.arange(n), i), size=k - 1, replace=False)
-        s = np.sort(rng.uniform(-0.3, 1.0, size=k - 1).astype(np.float32))[::-1]
-        ids[i] = np.concatenate([[i], others])
-        sims[i] = np.concatenate([[1.0], s])
-    empty = rng.random((n, k)) < 0.05
-    empty[:, 0] = False
-    ids[empty], sims[empty] = -1, -np.inf
+    ids, sims = random_knn(n, k, rng, low=-0.3)
+    ids = ids.astype(np.int64)
     feats = rng.standard_normal((n, d)).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     conf = rng.integers(0, levels, size=n).astype(np.float32) / levels

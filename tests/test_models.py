@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from _data import blobs
+from _data import blobs, random_knn
 
 from ltc_ray.errors import InputError
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges, whole_graph_adjacency
@@ -25,23 +25,6 @@ from ltc_ray.models import (
     save_model,
     train_gcn_v,
 )
-
-
-def random_knn(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """An asymmetric kNN graph with negative similarities and a few empty (-1) slots:
-    ``(n, k) int32`` ids and ``(n, k) float32`` sims, descending, self at rank 0."""
-    rng = np.random.default_rng(seed)
-    ids = np.empty((n, k), dtype=np.int32)
-    sims = np.empty((n, k), dtype=np.float32)
-    for i in range(n):
-        others = rng.choice(np.delete(np.arange(n), i), size=k - 1, replace=False)
-        s = np.sort(rng.uniform(-0.4, 1.0, size=k - 1).astype(np.float32))[::-1]
-        ids[i] = np.concatenate([[i], others])
-        sims[i] = np.concatenate([[1.0], s])
-    empty = rng.random((n, k)) < 0.05
-    empty[:, 0] = False
-    ids[empty], sims[empty] = -1, -np.inf
-    return ids, sims
 
 
 def dense_adjacency(ids: np.ndarray, sims: np.ndarray) -> np.ndarray:

@@ -20,8 +20,7 @@ import numpy as np
 from ltc_ray.graph.adjacency import whole_graph_adjacency
 from ltc_ray.knn.search import exact_knn
 from ltc_ray.models.gcn_v import aggregate, predict
-from ltc_ray.models.targets import confidence_target
-from ltc_ray.models.train import TrainConfig, train_gcn_v
+from ltc_ray.models.train import TrainConfig, train_gcn_v_on_graph
 
 __all__ = ["OutOfFold", "identity_folds", "out_of_fold_gcn_v"]
 
@@ -93,12 +92,10 @@ def out_of_fold_gcn_v(
     for f in range(folds):
         train_rows = np.flatnonzero(fold_of != f)
         held = np.flatnonzero(fold_of == f)
-        ids, sims = _graph(x[train_rows], k)
         xt = x[train_rows]
-        agg = aggregate(whole_graph_adjacency(ids, sims), xt)
-        target = confidence_target(ids, sims, labels[train_rows])
-        model, history = train_gcn_v(xt, None, target, replace(cfg), progress=progress, agg=agg)
-        del agg, target, ids, sims, xt
+        model, history, _ = train_gcn_v_on_graph(xt, *_graph(xt, k), labels[train_rows],
+                                                 replace(cfg), progress=progress)
+        del xt
         xh = x[held]
         ids, sims = _graph(xh, k)
         conf, hidden = predict(model, xh, aggregate(whole_graph_adjacency(ids, sims), xh))

@@ -100,22 +100,17 @@ def _train_gcn_v(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, feat
     for the feature-pass graph. Returns (partial meta, model, confidence)."""
     import torch
 
-    from ltc_ray.graph.adjacency import whole_graph_adjacency
-    from ltc_ray.models.gcn_v import aggregate, predict
+    from ltc_ray.models.gcn_v import predict
     from ltc_ray.models.store import data_fingerprint
-    from ltc_ray.models.targets import confidence_target
-    from ltc_ray.models.train import train_gcn_v
+    from ltc_ray.models.train import train_gcn_v_on_graph
 
     torch.set_num_threads(max(1, threads))
     so = info.storage_options
     n = info.n_rows
     t0 = time.perf_counter()
     x, knn_ids, knn_sims, labels = _load_split(info, manifest, labels_uri)
-    adj = whole_graph_adjacency(knn_ids, knn_sims)
-    target = confidence_target(knn_ids, knn_sims, labels)
-    agg = aggregate(adj, x)  # ÂX once: training and inference both use it
-    del adj
-    model, history = train_gcn_v(x, None, target, train_cfg, agg=agg)
+    # ÂX once: training and inference both use it
+    model, history, agg = train_gcn_v_on_graph(x, knn_ids, knn_sims, labels, train_cfg)
     confidence, hidden = predict(model, x, agg)
     part = write_feature_part(feature_dir, 0, 0, hidden, so)
     tau, tau_scores = tune_tau(knn_ids, knn_sims, confidence, labels)
