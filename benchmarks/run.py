@@ -581,7 +581,12 @@ def run_suite(
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
     if rates_out:
-        Path(rates_out).write_text(json.dumps(rates_record(result), indent=2) + "\n")
+        record = rates_record(result)
+        if Path(rates_out).exists():  # rates measured from jobs' run.json are kept
+            previous = json.loads(Path(rates_out).read_text())
+            if "from_jobs" in previous:
+                record["from_jobs"] = previous["from_jobs"]
+        Path(rates_out).write_text(json.dumps(record, indent=2) + "\n")
     return result
 
 

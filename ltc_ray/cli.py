@@ -91,19 +91,27 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | No
 
 
 def _config(args: argparse.Namespace):
-    from ltc_ray.config import load_config
+    from ltc_ray.config import Config, load_config
 
     overrides = list(args.set or [])
     if getattr(args, "method", None):
         overrides.append(f"method={args.method}")
     if getattr(args, "model", None):  # whichever learned method runs reads its own key
-        overrides += [f"methods.gcn-v.model={args.model}", f"methods.gcn-ve.model={args.model}"]
+        overrides += [f"methods.{name}.model={args.model}"
+                      for name in ("gcn-v", "gcn-ve", "hard-clusters")]
     for flag, value in (("--dim", args.dim), ("--num-cpus", getattr(args, "num_cpus", None))):
         if value is not None and value <= 0:
             raise InputError(flag, f"must be a positive integer, got {value}")
     if args.dim is not None:
         overrides.append(f"dim={args.dim}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if getattr(args, "model", None) and not getattr(args, "method", None) and \
+            cfg.method == Config().method:
+        # --model without --method (nor a method in --config/--set): the model's own method
+        from ltc_ray.models.store import model_method
+
+        cfg.method = model_method(args.model, _storage_options(args.storage_options))
+    return cfg
 
 
 # ---------------------------------------------------------------- cluster
@@ -116,8 +124,10 @@ def cluster_parser() -> argparse.ArgumentParser:
     _add_input_args(p, "labels (.meta) to score the result; --part finds them itself")
     _add_run_args(p, "<output>.work")
     p.add_argument("--output", help="output URI (default: runs/<input>-<method>)")
-    p.add_argument("--method", help="clustering method (default from config: density-peak)")
-    p.add_argument("--model", help="model directory for learned methods (jobs/train.py output)")
+    p.add_argument("--method", help="clustering method (default: the --model's method, e.g. "
+                   "hard-clusters; without a model, the config's: density-peak)")
+    p.add_argument("--model", help="model directory for learned methods (jobs/train.py output; "
+                   "its method is used unless --method says otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace a completed output")
     plan = p.add_argument_group("planning (--dry-run: print the plan, compute and write nothing)")
     plan.add_argument("--dry-run", action="store_true",
@@ -343,7 +353,9 @@ def train_parser() -> argparse.ArgumentParser:
         "directory (weights + model.json with the thresholds tuned on that split).",
     )
     _add_input_args(p, "labels (.meta); --part finds them itself")
-    p.add_argument("--method", required=True, help="gcn-v or gcn-ve (GCN-V, then GCN-E)")
+    p.add_argument("--method", default="hard-clusters",
+                   help="hard-clusters (edge scorer; the default), gcn-v or gcn-ve (GCN-V, "
+                   "then GCN-E)")
     p.add_argument("--output", required=True, help="model directory URI to write")
     p.add_argument("--edge-epochs", type=int, help="gcn-ve: GCN-E training epochs (default 2)")
     p.add_argument("--rho", type=float, default=0.2,
@@ -351,8 +363,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="training epochs")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-rows", type=int,
-                   help="mini-batch rows (0 = full graph when it fits, else mini-batches)")
+                   help="gcn-v: mini-batch rows (0 = full graph when it fits, else mini-batches)"
+                   "; hard-clusters: anchors per step (default 256)")
     p.add_argument("--hidden", type=int, help="hidden width (default 512)")
+    p.add_argument("--tune-folds", type=int,
+                   help="hard-clusters: identity folds of the out-of-fold TPDi threshold search "
+                   "(default 2; 0 keeps the paper's 0.7)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
     _add_run_args(p, "<output>.work")
     return p
@@ -372,6 +388,9 @@ def train_main(argv: Sequence[str]) -> int:
             raise InputError(args.output, "model output path is a file; expected a directory")
     from ltc_ray.models.train import TrainConfig  # after the cheap checks: imports torch
     from ltc_ray.pipeline.train import train
+
+    if args.method == "hard-clusters":
+        return _train_hard_clusters(args, features, labels, knn, cfg)
 
     train_cfg = TrainConfig(seed=cfg.seed)
     for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_rows"),
@@ -403,6 +422,36 @@ def train_main(argv: Sequence[str]) -> int:
         e = meta["gcn_e"]
         print(f"gcn-e trained: rho={e['rho']:.2f}, tau={e['thresholds']['tau']:.2f}, train "
               f"pairwise F {100 * e['train_metrics']['pairwise_f']:.2f}")
+    print(f"model: {args.output}")
+    return EXIT_OK
+
+
+def _train_hard_clusters(args, features: str, labels: str, knn: str | None, cfg) -> int:
+    from ltc_ray.models.train_hc import EdgeTrainConfig
+    from ltc_ray.pipeline.train import train
+
+    edge_cfg = EdgeTrainConfig(seed=cfg.seed)
+    for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
+            setattr(edge_cfg, attr, value)
+    if args.tune_folds is not None:
+        if args.tune_folds < 0 or args.tune_folds == 1:
+            raise InputError("--tune-folds", f"must be 0 or at least 2, got {args.tune_folds}")
+        edge_cfg.tune_folds = args.tune_folds
+    if args.hidden is not None:
+        if args.hidden <= 0 or args.hidden % edge_cfg.shape["heads"]:
+            raise InputError("--hidden", f"must be a positive multiple of "
+                             f"{edge_cfg.shape['heads']} (attention heads), got {args.hidden}")
+        edge_cfg.shape["d_model"] = args.hidden
+    meta = train(args.method, features, labels, args.output, cfg, None, knn=knn,
+                 work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
+                 storage_options=_storage_options(args.storage_options), edge_cfg=edge_cfg)
+    m = meta["train_metrics"]
+    print(f"hard-clusters edge scorer trained on {features}: tau={meta['thresholds']['tau']:.2f}, "
+          f"train pairwise F {100 * m['pairwise_f']:.2f}, BCubed F {100 * m['bcubed_f']:.2f}")
     print(f"model: {args.output}")
     return EXIT_OK
 

@@ -82,6 +82,23 @@ class GCNVEParams:
 
 
 @dataclass
+class HardClustersParams:
+    """hard-clusters (Chen et al. 2022): a model directory from ``jobs/train.py --method
+    hard-clusters`` (edge scorer), NDDE density and TPDi-distance density-peak linking."""
+
+    model: str = ""  # edge scorer directory (required; --model URI)
+    tau: float | None = None  # keep a parent edge when TPDi < tau; None = recorded with model
+    density: str = "approximate"  # NDDE: approximate (one step) | iterative (diffusion)
+    density_k: int = 20  # neighbours in the NDDE transition rows (self included)
+    density_sigma: float = 0.5  # NDDE softmax temperature on d' = 1 - p
+    damping: float = 0.1  # iterative NDDE: rho <- d rho + (1 - d) P^T rho
+    eps: float = 0.05  # iterative NDDE: stop when ||delta rho||_1 < eps
+    max_iter: int = 100  # iterative NDDE: iterations at most
+    tpdi_sigma: float = 0.05  # TPDi softmax temperature on d'
+    batch_size: int = 256  # anchors per edge-scorer forward pass (each pass is padded to it)
+
+
+@dataclass
 class InfomapParams:
     """Infomap on the kNN graph with edges of cosine >= threshold, weighted by cosine
     (two-level, undirected, seeded by ``seed``); one process, see cluster/whole_graph.py."""
@@ -153,6 +170,7 @@ class MethodsConfig:
     density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
     gcn_v: GCNVParams = field(default_factory=GCNVParams)
     gcn_ve: GCNVEParams = field(default_factory=GCNVEParams)
+    hard_clusters: HardClustersParams = field(default_factory=HardClustersParams)
     infomap: InfomapParams = field(default_factory=InfomapParams)
     chinese_whispers: ChineseWhispersParams = field(default_factory=ChineseWhispersParams)
     knn_dbscan: KnnDBSCANParams = field(default_factory=KnnDBSCANParams)
@@ -192,6 +210,7 @@ _CHOICES = {
     "knn.backend": ("auto", "faiss", "torch"),
     "knn.precision": ("auto", "fp32", "fp16", "bf16"),
     "cluster.merge": ("auto", "local", "forest"),
+    "methods.hard-clusters.density": ("approximate", "iterative"),
 }
 
 
@@ -199,7 +218,8 @@ def _yaml_name(name: str) -> str:
     return name.replace("_", "-") if name in _DASHED_METHODS else name
 
 
-_DASHED_METHODS = ("knn_cc", "density_peak", "gcn_v", "gcn_ve", "chinese_whispers", "knn_dbscan")
+_DASHED_METHODS = ("knn_cc", "density_peak", "gcn_v", "gcn_ve", "hard_clusters",
+                   "chinese_whispers", "knn_dbscan")
 
 
 def _to_yaml_names(tree: Any) -> Any:
@@ -305,6 +325,12 @@ def validate(cfg: Config) -> Config:
         "methods.gcn-v.batch_rows": cfg.methods.gcn_v.batch_rows,
         "methods.gcn-ve.batch_rows": cfg.methods.gcn_ve.batch_rows,
         "methods.gcn-ve.batch_size": cfg.methods.gcn_ve.batch_size,
+        "methods.hard-clusters.density_k": cfg.methods.hard_clusters.density_k,
+        "methods.hard-clusters.density_sigma": cfg.methods.hard_clusters.density_sigma,
+        "methods.hard-clusters.eps": cfg.methods.hard_clusters.eps,
+        "methods.hard-clusters.max_iter": cfg.methods.hard_clusters.max_iter,
+        "methods.hard-clusters.tpdi_sigma": cfg.methods.hard_clusters.tpdi_sigma,
+        "methods.hard-clusters.batch_size": cfg.methods.hard_clusters.batch_size,
         "methods.infomap.trials": cfg.methods.infomap.trials,
         "methods.chinese-whispers.iterations": cfg.methods.chinese_whispers.iterations,
         "methods.knn-dbscan.eps": cfg.methods.knn_dbscan.eps,
@@ -342,6 +368,14 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value is not None and not -1.0 <= value <= 1.0:
             raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")
+    damping = cfg.methods.hard_clusters.damping
+    if not 0.0 <= damping < 1.0:
+        raise InputError("config methods.hard-clusters.damping",
+                         f"must be in [0, 1), got {damping}")
+    tau_hc = cfg.methods.hard_clusters.tau
+    if tau_hc is not None and not 0.0 <= tau_hc <= 2.0:
+        raise InputError("config methods.hard-clusters.tau",
+                         f"is a TPDi distance threshold in [0, 2], got {tau_hc}")
     rho = cfg.methods.gcn_ve.rho
     if rho is not None and not 0.0 <= rho <= 1.0:
         raise InputError("config methods.gcn-ve.rho", f"is a share in [0, 1], got {rho}")

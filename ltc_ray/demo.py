@@ -1,5 +1,6 @@
-"""The README's demo: synthetic MS1M-shaped data -> thresholds tuned and GCN-V trained on the
-TRAIN split -> cluster the TEST split with each method on a local Ray -> a metrics table."""
+"""The README's demo: synthetic MS1M-shaped data -> thresholds tuned, GCN-V and the
+hard-clusters edge scorer trained on the TRAIN split -> cluster the TEST split with each
+method on a local Ray -> a metrics table."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=0.05,
                    help="fraction of MS1M (0.05 = ~29K train + ~29K test samples)")
     p.add_argument("--epochs", type=int, default=40, help="GCN-V training epochs")
+    p.add_argument("--hc-epochs", type=int, default=3,
+                   help="hard-clusters edge scorer training epochs")
     p.add_argument("--data-root", default="data/demo")
     p.add_argument("--runs", default="runs/demo", help="where outputs and tuned configs go")
     p.add_argument("--seed", type=int, default=0)
@@ -44,6 +47,10 @@ def demo_main(argv: Sequence[str]) -> int:
     train_main(["--method", "gcn-v", "--part", "0", *common, "--output", model, "--overwrite",
                 "--epochs", str(args.epochs), "--work-dir", train_work])
     runs["gcn-v"] = ["--method", "gcn-v", "--model", model]
+    hc_model = f"{args.runs}/hard-clusters-model"
+    train_main(["--method", "hard-clusters", "--part", "0", *common, "--output", hc_model,
+                "--overwrite", "--epochs", str(args.hc_epochs), "--work-dir", train_work])
+    runs["hard-clusters"] = ["--model", hc_model]  # the model's method: hard-clusters
     results, seconds = {}, {}
     for method, flags in runs.items():
         out = f"{args.runs}/part1_test-{method}"
@@ -53,8 +60,9 @@ def demo_main(argv: Sequence[str]) -> int:
         seconds[method] = time.perf_counter() - t0
         with open(f"{out}/metrics.json") as fh:
             results[method] = json.load(fh)
-    print(f"\nDemo: synthetic part1_test at scale {args.scale}; thresholds tuned and GCN-V "
-          "trained on part0_train only; the kNN graph is built once (first row's time)")
+    print(f"\nDemo: synthetic part1_test at scale {args.scale}; thresholds tuned, GCN-V and the "
+          "hard-clusters edge scorer trained on part0_train only; the kNN graph is built once "
+          "(first row's time)")
     print(metrics_table(results, seconds))
     print(f"\nParquet outputs: {args.runs}/part1_test-<method>/clusters/*.parquet")
     return 0

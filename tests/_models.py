@@ -36,6 +36,19 @@ def tiny_gcn_ve(path: Path, in_dim: int, k: int, feature_k: int, seed: int = 0) 
     return str(path)
 
 
+def tiny_hard_clusters(path: Path, in_dim: int, k: int, seed: int = 0, tau: float = 0.7) -> str:
+    """A hard-clusters edge scorer directory with random weights (d_model 16)."""
+    import torch
+
+    from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
+    from ltc_ray.models.store import save_edge_scorer
+
+    torch.manual_seed(seed)
+    shape = ScorerShape(in_dim=in_dim, d_model=16, heads=2, ffn=32, k=k, dropout=0.0)
+    save_edge_scorer(str(path), EdgeScorer(shape), {"thresholds": {"tau": tau}})
+    return str(path)
+
+
 def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
     """CLI flags giving ``method`` a tiny model; [] for unsupervised methods. A newly
     registered method that needs a model fails here until it gets a maker."""
@@ -46,6 +59,8 @@ def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
         return ["--model", tiny_gcn_v(tmp / "gcn-v-model", in_dim, k)]
     if method == "gcn-ve":
         return ["--model", tiny_gcn_ve(tmp / "gcn-ve-model", in_dim, k, feature_k=15)]
+    if method == "hard-clusters":
+        return ["--model", tiny_hard_clusters(tmp / "hc-model", in_dim, k)]
     params = getattr(Config().methods, REGISTRY[method].params_key)
     assert not hasattr(params, "model"), f"add a tiny model maker for {method} in tests/_models.py"
     return []

@@ -161,6 +161,12 @@ CASES = [
          "cannot read weights: not a torch.save archive", "{d}/model-bad-weights/weights.pt"),
     Case("model-weights-pickle", _cluster("--method", "gcn-v", "--model", "{d}/model-pickle"),
          "cannot read weights: refused to unpickle", "{d}/model-pickle/weights.pt"),
+    Case("hc-model-not-given", _cluster("--method", "hard-clusters"),
+         "hard-clusters needs a model trained by jobs/train.py --method hard-clusters",
+         "--model"),
+    Case("hc-model-is-gcn-v",
+         _cluster("--method", "hard-clusters", "--model", "{d}/model-d16"),
+         "model is a 'gcn-v' model, expected 'hard-clusters'", "{d}/model-d16"),
     # --- output location
     Case("output-is-file", _cluster("--output", "{d}/a-file"), "output path is a file",
          "{d}/a-file"),

@@ -88,8 +88,9 @@ def test_unknown_method_is_an_input_error():
         get_method("nope", Config())
 
 
-# Methods that link with a two-hop halo (gcn-ve) need the full job flow (GCN features, a
-# second graph); tests/test_gcn_v.py runs them through it with the same invariance checks.
+# Methods that link on halo actors need the full job flow (gcn-ve: GCN features and a second
+# graph; hard-clusters: the re-scored graph); tests/test_gcn_v.py and
+# tests/test_hard_clusters.py run them through it with the same invariance checks.
 ROW_METHODS = sorted(name for name, cls in REGISTRY.items() if not cls.needs_link_halo)
 
 

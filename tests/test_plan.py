@@ -192,3 +192,14 @@ def test_benchmark_harness_smoke_suite(tmp_path):
     for c in result["memory_checks"]:
         assert c["predicted_bytes"] > 0 and c["measured_bytes"] > 0
         assert c["flag"] == (abs(c["measured_bytes"] / c["predicted_bytes"] - 1) > 0.25)
+
+
+def test_hard_clusters_plan_uses_its_measured_stage_rates():
+    rates = load_rates()
+    plan = make_plan(5_206_761, 256, Config(method="hard-clusters"), {"CPU": 64},
+                     hypothetical=True)
+    jobs = rates["from_jobs"]
+    assert plan["expected_seconds"]["link (TPDi)"] == pytest.approx(
+        5_206_761 / (jobs["hard_clusters_link_rows_per_cpu_s"] * 64))
+    assert plan["expected_seconds"]["score (edge scorer + NDDE)"] > 0
+    assert "score (gcn-v inference)" not in plan["expected_seconds"]

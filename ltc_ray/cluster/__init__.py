@@ -5,6 +5,7 @@ from ltc_ray.cluster import (  # noqa: F401  (register the methods)
     density_peak,
     gcn_v,
     gcn_ve,
+    hard_clusters,
     knn_cc,
 )
 from ltc_ray.cluster.base import (

@@ -58,6 +58,10 @@ class ClusterMethod(abc.ABC):
     # Whole-graph methods (``cluster.whole_graph.WholeGraphMethod``) cluster all kNN rows
     # in one Ray task with ``cluster_graph`` instead of linking per partition.
     whole_graph: ClassVar[bool] = False
+    # Methods that re-score the kNN graph with a model before linking (hard-clusters) run
+    # the pipeline's rescore stage (``pipeline.rescore``) instead of ``score``: ``rescore``
+    # re-sorts a partition's rows, ``transition_edges`` gives its density contributions.
+    rescores_graph: ClassVar[bool] = False
     # The params fields ``score`` depends on (resumable runs reuse stored scores when only
     # other fields change, e.g. a link threshold); None = all of them (always safe).
     score_params: ClassVar[tuple[str, ...] | None] = None

@@ -35,14 +35,30 @@ class KnnManifest:
     index: str = "flat"
     recall: float | None = None  # measured recall@k when approximate
     details: dict = field(default_factory=dict)
+    # uneven blocks (one per partition, e.g. a re-scored graph): block b holds rows
+    # [bounds[b], bounds[b + 1]); None = fixed blocks of ``block_rows``
+    bounds: list[int] | None = None
 
     @property
     def n_blocks(self) -> int:
+        if self.bounds is not None:
+            return len(self.bounds) - 1
         return -(-self.n_rows // self.block_rows)
 
     def block_range(self, index: int) -> tuple[int, int]:
+        if self.bounds is not None:
+            return int(self.bounds[index]), int(self.bounds[index + 1])
         start = index * self.block_rows
         return start, min(start + self.block_rows, self.n_rows)
+
+    def blocks_of(self, start: int, stop: int) -> range:
+        """Indices of the blocks that rows ``[start, stop)`` overlap."""
+        last_row = max(stop, 1) - 1
+        if self.bounds is not None:
+            edges = np.asarray(self.bounds)
+            first = int(np.searchsorted(edges, start, side="right")) - 1
+            return range(first, int(np.searchsorted(edges, last_row, side="right")))
+        return range(start // self.block_rows, last_row // self.block_rows + 1)
 
     def block_uri(self, index: int) -> str:
         return join_uri(self.directory, block_file(index))
@@ -70,9 +86,8 @@ def read_knn_rows(
     """Rows ``[start, stop)`` of the graph, loading only the blocks they overlap."""
     if not 0 <= start <= stop <= manifest.n_rows:
         raise ValueError(f"row range [{start}, {stop}) outside [0, {manifest.n_rows})")
-    first, last = start // manifest.block_rows, (max(stop, 1) - 1) // manifest.block_rows
     ids_parts, sims_parts = [], []
-    for b in range(first, last + 1):
+    for b in manifest.blocks_of(start, stop):
         ids, sims, block_start = load_knn_block(manifest.block_uri(b), storage_options)
         lo = max(start, block_start) - block_start
         hi = min(stop, block_start + len(ids)) - block_start

@@ -23,6 +23,7 @@ import torch
 import ltc_ray
 from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import join_uri, open_uri, uri_exists, write_bytes_atomic
+from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
 from ltc_ray.models.gcn_e import GCNE
 from ltc_ray.models.gcn_v import GCNV
 
@@ -30,8 +31,11 @@ __all__ = [
     "MODEL_JSON",
     "WEIGHTS",
     "data_fingerprint",
+    "load_edge_scorer",
     "load_gcn_e",
     "load_model",
+    "model_method",
+    "save_edge_scorer",
     "save_gcn_e",
     "save_model",
 ]
@@ -40,6 +44,8 @@ WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
 METHOD = "gcn-v"
 METHOD_E = "gcn-e"
+METHOD_HC = "hard-clusters"
+SCORER_KEYS = ("in_dim", "d_model", "heads", "ffn", "layers", "k")
 FORMAT_VERSION = 1
 
 
@@ -97,6 +103,54 @@ def save_gcn_e(uri: str, model: GCNE, meta: dict, storage_options: dict | None =
     )
 
 
+def save_edge_scorer(uri: str, model: EdgeScorer, meta: dict,
+                     storage_options: dict | None = None) -> None:
+    """Write a hard-clusters edge scorer and ``meta`` to the directory ``uri``, as
+    :func:`save_model` does; the architecture (:class:`ScorerShape`) is filled in."""
+    shape = model.shape
+    arch = {"method": METHOD_HC, **{key: getattr(shape, key) for key in SCORER_KEYS},
+            "dropout": shape.dropout}
+    _write(uri, model, {**meta, "k": shape.k}, arch, storage_options)
+
+
+def load_edge_scorer(
+    uri: str,
+    expected_dim: int | None = None,
+    expected_k: int | None = None,
+    storage_options: dict | None = None,
+) -> tuple[EdgeScorer, dict]:
+    """The hard-clusters edge scorer in directory ``uri`` (eval mode, CPU) and its
+    ``model.json``, with the checks of :func:`load_model`."""
+    meta = _checked_meta(uri, METHOD_HC, None, expected_dim, expected_k, storage_options)
+    try:
+        shape = ScorerShape(**{key: meta[key] for key in SCORER_KEYS},
+                            dropout=float(meta.get("dropout", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(uri, f"invalid {MODEL_JSON}: {exc}") from None
+    model = EdgeScorer(shape)
+    _load_weights(uri, model, f"hard-clusters edge scorer ({shape})", storage_options)
+    return model, meta
+
+
+def model_method(uri: str, storage_options: dict | None = None) -> str:
+    """The clustering method a model directory is for (``model.json``'s method; a
+    directory holding ``gcn-v/`` and ``gcn-e/`` is a gcn-ve model)."""
+    with storage_errors(uri):
+        if uri_exists(join_uri(uri, MODEL_JSON), storage_options):
+            method = _read_meta(join_uri(uri, MODEL_JSON), storage_options)["method"]
+            if method == METHOD_E:
+                raise InputError(uri, "a GCN-E alone cannot cluster; pass the gcn-ve directory "
+                                      "that holds gcn-v/ and gcn-e/")
+            return method
+        if all(uri_exists(join_uri(uri, sub, MODEL_JSON), storage_options)
+               for sub in (METHOD, METHOD_E)):
+            return "gcn-ve"
+        if not uri_exists(uri, storage_options):
+            raise InputError(uri, "model directory not found")
+    raise InputError(uri, f"not a model directory (no {MODEL_JSON}; train one with "
+                          f"jobs/train.py)")
+
+
 def _write(
     uri: str, model: torch.nn.Module, meta: dict, arch: dict, storage_options: dict | None
 ) -> None:
@@ -138,7 +192,8 @@ def _read_meta(uri: str, storage_options: dict | None) -> dict:
     if not isinstance(meta, dict):
         raise InputError(uri, f"invalid {MODEL_JSON}: expected an object")
     # GCN-V records its width as ``hidden``, GCN-E its four widths as ``dims``.
-    sizes = ("in_dim", "k") if meta.get("method") == METHOD_E else ("in_dim", "hidden", "k")
+    sizes = {METHOD_E: ("in_dim", "k"), METHOD_HC: SCORER_KEYS}.get(
+        meta.get("method"), ("in_dim", "hidden", "k"))
     for key in sizes:
         value = meta.get(key)
         if not _positive_int(value):

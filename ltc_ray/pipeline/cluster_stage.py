@@ -225,10 +225,13 @@ def link_merge_stage(
     with stage_log.stage("link", rows=n) as rec:
         actors = []
         if method.needs_link_halo:
-            threshold = ray_get(_confidence_quantile.remote(method.rho, *scores))
+            threshold = None
+            if hasattr(method, "rho"):  # GCN-E: the top-rho confidence share uses the model
+                threshold = ray_get(_confidence_quantile.remote(method.rho, *scores))
+                rec.extra["model_threshold"] = threshold
             parents, edges, stat_refs, actors = link_with_halo(
-                method, info, manifest, ranges, cpus, scores, forest, threshold)
-            rec.extra["model_threshold"] = threshold
+                method, info if getattr(method, "link_features", True) else None, manifest,
+                ranges, cpus, scores, forest, threshold, so)
         else:
             method_ref = ray.put(method)
             triples = [_link_partition.remote(method_ref, manifest, lo, hi, so, forest, *scores)

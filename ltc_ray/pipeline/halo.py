@@ -19,7 +19,7 @@ import ray
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
-from ltc_ray.pipeline.runtime import peak_rss_bytes
+from ltc_ray.pipeline.runtime import peak_rss_bytes, set_torch_threads
 from ltc_ray.pipeline.stages import delay_for_tests
 
 log = logging.getLogger("ltc_ray")
@@ -51,12 +51,7 @@ class PartitionActor:
 
     def __init__(self, start: int, stop: int, info: FeatureInfo, manifest: KnnManifest,
                  threads: int = 1):
-        try:
-            import torch
-
-            torch.set_num_threads(max(1, threads))
-        except ImportError:  # pragma: no cover - torch is a dependency of the model methods
-            pass
+        set_torch_threads(threads)
         so = info.storage_options
         self.storage_options = so
         self.start, self.stop = start, stop
@@ -106,16 +101,22 @@ class PartitionActor:
         return scores, stats
 
     def _gather(self, cols: np.ndarray, actors: list, bounds: np.ndarray, index: int) -> np.ndarray:
-        """Features of ``cols`` in order: own rows locally, halo rows from their owners."""
-        owner = np.searchsorted(bounds, cols, side="right") - 1
-        out = np.empty((len(cols), self.x.shape[1]), dtype=np.float32)
-        mine = owner == index
-        out[mine] = self.x[cols[mine] - self.start]
-        wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner[~mine])]
-        fetched = ray.get([actors[p].rows.remote(cols[pos]) for p, pos in wanted])
-        for (_, pos), rows in zip(wanted, fetched, strict=True):
-            out[pos] = rows
-        return out
+        return gather_features(self.x, self.start, cols, actors, bounds, index)
+
+
+def gather_features(x: np.ndarray, start: int, cols: np.ndarray, actors: list,
+                    bounds: np.ndarray, index: int) -> np.ndarray:
+    """Features of global ids ``cols`` in order: partition ``index``'s own rows from ``x``
+    (its rows from ``start``), the halo's from their owners' ``rows`` method."""
+    owner = np.searchsorted(bounds, cols, side="right") - 1
+    out = np.empty((len(cols), x.shape[1]), dtype=np.float32)
+    mine = owner == index
+    out[mine] = x[cols[mine] - start]
+    wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner[~mine])]
+    fetched = ray.get([actors[p].rows.remote(cols[pos]) for p, pos in wanted])
+    for (_, pos), rows in zip(wanted, fetched, strict=True):
+        out[pos] = rows
+    return out
 
 
 def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
@@ -148,23 +149,20 @@ class LinkActor:
     links them with a method that looks two hops out (GCN-E: candidates' features and
     their own kNN rows), fetched from the owning actors."""
 
-    def __init__(self, start: int, stop: int, info: FeatureInfo, manifest: KnnManifest,
-                 threads: int = 1):
-        try:
-            import torch
-
-            torch.set_num_threads(max(1, threads))
-        except ImportError:  # pragma: no cover
-            pass
-        so = info.storage_options
+    def __init__(self, start: int, stop: int, info: FeatureInfo | None, manifest: KnnManifest,
+                 threads: int = 1, storage_options: dict | None = None):
+        set_torch_threads(threads)
+        so = info.storage_options if info is not None else storage_options
         self.start, self.stop = start, stop
         self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
-        self.x = read_features(info, start, stop)
+        # methods that only need the neighbours' rows (TPDi) link without features
+        self.x = read_features(info, start, stop) if info is not None else None
 
-    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features and kNN rows of owned nodes ``ids``."""
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Features (None without features) and kNN rows of owned nodes ``ids``."""
         local = np.asarray(ids, dtype=np.int64) - self.start
-        return self.x[local], self.knn_ids[local], self.knn_sims[local]
+        feats = self.x[local] if self.x is not None else None
+        return feats, self.knn_ids[local], self.knn_sims[local]
 
     def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
              threshold: float, *score_parts):
@@ -177,15 +175,18 @@ class LinkActor:
         ids = self.knn_ids[self.knn_ids >= 0].astype(np.int64)
         needed = np.unique(np.concatenate([ids, np.arange(self.start, self.stop)]))
         owner = np.searchsorted(bounds, needed, side="right") - 1
-        feats = np.empty((len(needed), self.x.shape[1]), dtype=np.float32)
+        feats = (np.empty((len(needed), self.x.shape[1]), dtype=np.float32)
+                 if self.x is not None else None)
         rows_ids = np.empty((len(needed), self.knn_ids.shape[1]), dtype=self.knn_ids.dtype)
         rows_sims = np.empty((len(needed), self.knn_ids.shape[1]), dtype=np.float32)
         mine = np.nonzero(owner == index)[0]
-        feats[mine], rows_ids[mine], rows_sims[mine] = self.rows(needed[mine])
         wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner) if p != index]
         fetched = ray.get([actors[p].rows.remote(needed[pos]) for p, pos in wanted])
-        for (_, pos), (f, ri, rs) in zip(wanted, fetched, strict=True):
-            feats[pos], rows_ids[pos], rows_sims[pos] = f, ri, rs
+        for pos, (f, ri, rs) in [(mine, self.rows(needed[mine]))] + [
+                (pos, got) for (_, pos), got in zip(wanted, fetched, strict=True)]:
+            rows_ids[pos], rows_sims[pos] = ri, rs
+            if feats is not None:
+                feats[pos] = f
 
         def lookup(query: np.ndarray) -> np.ndarray:
             pos = np.searchsorted(needed, query)
@@ -196,7 +197,8 @@ class LinkActor:
 
         part = LinkHaloPartition(
             self.start, self.stop, self.knn_ids, self.knn_sims,
-            feats_of=lambda q: feats[lookup(np.asarray(q, dtype=np.int64))],
+            feats_of=(lambda q: feats[lookup(np.asarray(q, dtype=np.int64))])
+            if feats is not None else None,
             rows_of=lambda q: (rows_ids[lookup(np.asarray(q, dtype=np.int64))],
                                rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
         )
@@ -208,14 +210,16 @@ class LinkActor:
         return result.parent, edges, stats
 
 
-def link_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
+def link_with_halo(method, info: FeatureInfo | None, manifest: KnnManifest,
                    ranges: list[tuple[int, int]], cpus: float, scores: list, forest: bool,
-                   threshold: float) -> tuple[list, list, list, list]:
-    """One :class:`LinkActor` per partition; returns (parent refs, edge refs, stat refs,
-    actors) — kill the actors once the stats are in."""
+                   threshold: float | None, storage_options: dict | None = None
+                   ) -> tuple[list, list, list, list]:
+    """One :class:`LinkActor` per partition (without ``info``: rows only, no features);
+    returns (parent refs, edge refs, stat refs, actors) — kill the actors once the stats
+    are in."""
     share = max(cpus / len(ranges), 0.01)
     actors = [LinkActor.options(num_cpus=share).remote(lo, hi, info, manifest,
-                                                       max(1, int(share)))
+                                                       max(1, int(share)), storage_options)
               for lo, hi in ranges]
     bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
     method_ref = ray.put(method)

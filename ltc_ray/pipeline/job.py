@@ -335,12 +335,32 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
                 **_method_inputs(method, method.score_params, model_digest)}
     score_fp, marker = store.lookup("score", score_in)
     scores_uri = store.uri("score", "scores.npy")
+    rescores = bool(getattr(method, "rescores_graph", False))
+    rescored_dir = join_uri(work, "knn-rescored")
+    rescored = None  # the graph a rescoring method (hard-clusters) links on
+    if marker is not None and rescores:
+        rescored = load_manifest(rescored_dir, so)
+        if rescored is None:
+            marker = None  # the re-scored graph is gone: score again
     if marker is not None:
         with stages.stage("score", rows=n) as rec:
             store.reuse("score")
             rec.skipped = True
             rec.extra["fingerprint"] = score_fp
             scores = _row_slices(scores_uri, ranges, so)
+    elif rescores:
+        from ltc_ray.pipeline.rescore import rescore_and_density
+
+        store.begin("score")
+        _remove(rescored_dir, so)
+        with stages.stage("score", rows=n) as rec:
+            scores, rescored, stats = rescore_and_density(method, info, manifest, ranges, cpus,
+                                                          rescored_dir, gpus)
+            rec.worker_peak_rss_bytes = max(stats["actor_peak_rss_bytes"])
+            rec.extra.update(stats, partitions=len(ranges), fingerprint=score_fp)
+        ray_get(save_concat.remote(scores_uri, so, *scores))
+        store.finish("score", score_fp, score_in, {"partitions": len(ranges)},
+                     artifacts=[scores_uri, join_uri(rescored_dir, MANIFEST)])
     else:
         store.begin("score")
         scores, parts = score_stage(method, manifest, ranges, cpus, so, stages, info=info,
@@ -355,7 +375,7 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
                      artifacts=[scores_uri, *parts_manifest])
 
     # -- knn_features (feature-pass methods): a second graph to link on
-    graph, link_info, upstream = manifest, None, score_fp
+    graph, link_info, upstream = rescored or manifest, None, score_fp
     if feature_pass:
         parts_uri = join_uri(feature_dir, "features.parts.json")
         link_info = inspect_features(parts_uri, storage_options=so)
@@ -401,7 +421,8 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
             )
     store.begin("link")
     refs = link_merge_stage(method, graph, ranges, scores, cfg.cluster, so, stages,
-                            info=link_info, cpus=cpus if feature_pass else 1.0, features=info)
+                            info=link_info, cpus=cpus if feature_pass or rescores else 1.0,
+                            features=info)
     ray_get([save_concat.remote(parents_uri, so, *refs.parents),
              save_concat.remote(cid_uri, so, refs.cluster_id),
              save_pair.remote(sizes_uri, reps_uri, so, refs.summary)])

@@ -174,7 +174,7 @@ def _knn_seconds(
     n: int, dim: int, knn: KnnConfig, n_shards: int, rates: dict, cpus: float, gpus: float
 ) -> tuple[float | None, str]:
     """Expected kNN seconds and the arithmetic behind it."""
-    r = rates.get("rates", {})
+    r = {**rates.get("from_jobs", {}), **rates.get("rates", {})}
     if knn.index == "ivf":
         n_s = math.ceil(n / n_shards)
         nlist = knn.nlist or default_nlist(n_s)
@@ -244,13 +244,18 @@ def make_plan(
         "merge": merge_memory(n, n, base["worker"]),
     }
     gpu_mem = knn_gpu_memory(n_shard, dim, k, knn.block_rows, knn.index) if on_gpu else None
-    r = rates.get("rates", {})
+    r = {**rates.get("from_jobs", {}), **rates.get("rates", {})}
     knn_s, knn_how = _knn_seconds(n, dim, knn, len(layout.shard_ranges), rates, cpus, gpus)
     parallel = min(cpus, len(ranges))
     times = {"knn": knn_s}
     how = {"knn": knn_how}
+    per_method = (
+        (("score (edge scorer + NDDE)", "hard_clusters_score_rows_per_cpu_s", parallel),
+         ("link (TPDi)", "hard_clusters_link_rows_per_cpu_s", parallel))
+        if cfg.method == "hard-clusters" else
+        (("score (gcn-v inference)", "gcn_v_rows_per_cpu_s", parallel),))
     for stage, key, workers in (
-        ("score (gcn-v inference)", "gcn_v_rows_per_cpu_s", parallel),
+        *per_method,
         ("merge", "merge_rows_per_s", 1.0),
         ("metrics", "metrics_rows_per_s", 1.0),
     ):

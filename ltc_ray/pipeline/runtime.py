@@ -120,3 +120,12 @@ class StageLog:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: rec.to_dict() for name, rec in self.stages.items()}
+
+
+def set_torch_threads(threads: int) -> None:
+    """Give torch in this worker its share of CPUs (a Ray actor's ``num_cpus``)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the model methods
+        return
+    torch.set_num_threads(max(1, int(threads)))

@@ -35,7 +35,7 @@ from ltc_ray.pipeline.knn_stage import build_knn_graph
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
-TRAINABLE = ("gcn-v", "gcn-ve")
+TRAINABLE = ("gcn-v", "gcn-ve", "hard-clusters")
 EDGE_K = 160  # GCN-E's candidate kNN size (learn-to-cluster's setting)
 CROSSFIT_FOLDS = 2  # identity folds for GCN-E's out-of-fold training data
 TAU_GRID = (0.30, 0.95, 0.01)
@@ -199,6 +199,77 @@ def _train_gcn_e(info: FeatureInfo, labels_uri: str, output: str, cfg, v_cfg, k:
     return meta
 
 
+def _tpdi_edges(ids: np.ndarray, prob: np.ndarray, params):
+    """``edges_at(tau)`` over a whole re-scored graph: NDDE density and TPDi computed once."""
+    from ltc_ray.cluster.hard_clusters import link_by_tpdi, ndde_density, tpdi
+
+    density, _ = ndde_density(ids, prob, params.density_k, params.density_sigma, params.density,
+                              params.damping, params.eps, params.max_iter)
+    dist = tpdi(ids, prob, lambda q: (ids[q], prob[q]), params.tpdi_sigma)
+    node_ids = np.arange(len(ids), dtype=np.int64)
+
+    def edges_at(tau: float):
+        link = link_by_tpdi(node_ids, ids, dist, density, tau)
+        return link.src, link.dst
+
+    return edges_at
+
+
+@ray.remote
+def _train_hard_clusters(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, output: str,
+                         cfg, params, threads: int) -> dict:
+    """Train the edge scorer on the whole split in one worker. The TPDi threshold is tuned
+    by pairwise F on OUT-OF-FOLD scores (:func:`~ltc_ray.models.crossfit.out_of_fold_edges`,
+    ``cfg.tune_folds`` identity folds), never in-sample: an in-sample scorer is
+    over-confident on its own identities. ``tune_folds`` 0 keeps the paper's 0.7."""
+    import torch
+
+    from ltc_ray.models.crossfit import out_of_fold_edges
+    from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
+    from ltc_ray.models.store import data_fingerprint, save_edge_scorer
+    from ltc_ray.models.train_hc import train_edge_scorer
+
+    torch.set_num_threads(max(1, threads))
+    t0 = time.perf_counter()
+    x, knn_ids, _, labels = _load_split(info, manifest, labels_uri)
+    n = len(labels)
+    meta: dict = {}
+    tau = 0.7 if params.tau is None else float(params.tau)
+    if cfg.tune_folds and params.tau is None:
+        order, oof_ids, oof_prob = out_of_fold_edges(x, labels, cfg, manifest.k, cfg.tune_folds,
+                                                     params.batch_size)
+        oof_labels = labels[order]
+        edges_at = _tpdi_edges(oof_ids, oof_prob, params)
+        tau, scores = tune_threshold(oof_labels, edges_at, (0.10, 0.95, 0.01))
+        cid, _, _ = merge_edges(n, [edges_at(tau)])
+        meta["crossfit"] = {"folds": int(cfg.tune_folds), "k": int(oof_ids.shape[1]),
+                            "seconds": round(time.perf_counter() - t0, 3),
+                            "metrics": evaluate(oof_labels, cid),
+                            "tau_search": {f"{t:.2f}": round(f, 5)
+                                           for t, f in sorted(scores.items())}}
+        del oof_ids, oof_prob
+    t1 = time.perf_counter()
+    model, history = train_edge_scorer(x, knn_ids, labels, cfg)
+    train_seconds = time.perf_counter() - t1
+    prob = edge_probabilities(model, knn_ids, x.__getitem__, params.batch_size)
+    del x
+    ids, prob = resort_rows(knn_ids, prob)
+    cid, _, _ = merge_edges(n, [_tpdi_edges(ids, prob, params)(tau)])
+    meta.update({
+        "thresholds": {"tau": tau},
+        "density": params.density,
+        "train_metrics": evaluate(labels, cid),  # in-sample, at the tuned tau
+        "train_config": asdict(cfg),
+        "fingerprint": data_fingerprint(info.uri, n, info.dim, labels),
+        "history": history,
+        "train_seconds": round(train_seconds, 3),
+        "total_seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    })
+    save_edge_scorer(output, model, meta, info.storage_options)
+    return meta
+
+
 def train(
     method: str,
     features: str,
@@ -215,7 +286,8 @@ def train(
     rho: float = 0.2,
 ) -> dict:
     """Train ``method`` on a labelled split and write the model directory to ``output``
-    (gcn-ve: ``output/gcn-v`` and ``output/gcn-e``)."""
+    (gcn-ve: ``output/gcn-v`` and ``output/gcn-e``; hard-clusters: the edge scorer, trained
+    with ``edge_cfg``, a :class:`~ltc_ray.models.train_hc.EdgeTrainConfig`)."""
     if method not in TRAINABLE:
         raise InputError("--method", f"cannot train '{method}'; trainable: {', '.join(TRAINABLE)}")
     v_output = join_uri(output, "gcn-v") if method == "gcn-ve" else output
@@ -227,6 +299,17 @@ def train(
     info, resources, stages, manifest = inputs_and_graph(spec)
     cpus = max(1, int(resources.get("CPU", 1)))
     so = storage_options
+    if method == "hard-clusters":
+        from ltc_ray.models.train_hc import EdgeTrainConfig
+
+        edge_cfg = edge_cfg or EdgeTrainConfig(seed=config.seed)
+        with stages.stage("train", rows=info.n_rows):
+            meta = ray_get(_train_hard_clusters.options(num_cpus=cpus).remote(
+                info, manifest, labels, output, edge_cfg, config.methods.hard_clusters, cpus))
+        meta["stages"] = stages.to_dict()
+        log.info("trained hard-clusters: tau=%.2f, train pairwise F %.4f -> %s",
+                 meta["thresholds"]["tau"], meta["train_metrics"]["pairwise_f"], output)
+        return meta
     feature_dir = join_uri(spec.resolved_work_dir, "node-features")
     with stages.stage("train", rows=info.n_rows):
         train_cfg.seed = config.seed

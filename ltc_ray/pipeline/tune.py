@@ -45,7 +45,8 @@ def tune(
     cls = REGISTRY.get(config.method)
     get_method(config.method, config, storage_options)  # unknown method -> InputError
     if cls.tunable is None:
-        raise InputError("--method", f"'{config.method}' has no threshold to tune")
+        trained = " (jobs/train.py tunes its threshold)" if cls.rescores_graph else ""
+        raise InputError("--method", f"'{config.method}' has no threshold to tune{trained}")
     param, low, high, step = cls.tunable
     if grid is not None:
         low, high, step = grid
