@@ -142,7 +142,7 @@ def _knn_ours(p: dict) -> dict:
     driver_base = _vm_hwm()  # imports + a started Ray, before any work
     info = inspect_features(p["features"])
     shutil.rmtree(p["work_dir"], ignore_errors=True)  # a complete graph would be reused
-    cfg = KnnConfig(k=p["k"], mode="shard", shards=p["cpus"])
+    cfg = KnnConfig(k=p["k"], mode="shard", shards=p["cpus"], index=p.get("index", "flat"))
     t0 = time.perf_counter()
     manifest, stats = build_knn_graph(info, cfg, p["work_dir"], dict(ray.cluster_resources()))
     seconds = time.perf_counter() - t0
@@ -478,11 +478,21 @@ def run_suite(
     rates_out: str | None = None,
     work: str | None = None,
     repeats: int | None = None,
+    cases: list[str] | None = None,
+    graph_index: str = "flat",
 ) -> dict:
+    """Run suite ``name``. ``cases`` limits it to some of its cases; without the kNN case
+    the graph the others need is built once per size, untimed, with ``graph_index``
+    (``ivf`` makes the large sizes affordable on a few cores: exact kNN is quadratic)."""
     os.environ.update(ENV)
     from ltc_ray.synthetic import make_benchmark
 
-    suite = SUITES[name]
+    suite = dict(SUITES[name])
+    if cases:
+        unknown = sorted(set(cases) - set(suite["cases"]))
+        if unknown:
+            raise SystemExit(f"--cases: {unknown} not in suite {name} ({suite['cases']})")
+        suite["cases"] = [c for c in suite["cases"] if c in cases]
     repeats = repeats or suite["repeats"]
     k, cpus, hidden = suite["k"], suite["cpus"], suite["hidden"]
     load_before = os.getloadavg()
@@ -531,6 +541,14 @@ def run_suite(
             "work_dir": str(tmp / f"knn-{scale}"),
             "model": str(model),
         }
+        if "knn" not in suite["cases"] and {"merge", "gcn-v"} & set(suite["cases"]):
+            prep = run_child("knn", "ours", {**common, "index": graph_index})  # not timed
+            worker_bases.append(prep["worker_baseline"])
+            driver_bases.append(prep["driver_baseline"])
+            base["worker"] = int(_median(worker_bases))
+            base["driver"] = int(_median(driver_bases))
+            print(f"  graph for N={n:,} ({graph_index}, untimed): {prep['seconds']:.1f} s",
+                  file=sys.stderr)
         for case in suite["cases"]:
             params = {
                 **common,
@@ -576,6 +594,7 @@ def run_suite(
         "entries": entries,
         "memory_checks": checks,
         "slopes": _slopes(entries) if len(suite["sizes"]) > 1 else {},
+        "graph_index": graph_index if "knn" not in suite["cases"] else "flat",
     }
     print(markdown_table(result))
     if json_out:
@@ -703,6 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", metavar="OUT", help="write the measured rates (rates.json)")
     ap.add_argument("--work", help="scratch directory (default: a new temp dir)")
     ap.add_argument("--repeats", type=int, help="override the suite's repeat count")
+    ap.add_argument("--cases", help="comma-separated subset of the suite's cases")
+    ap.add_argument("--graph-index", choices=("flat", "ivf"), default="flat",
+                    help="without the knn case: index of the (untimed) graph the others use")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
@@ -715,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.suite:
         ap.error("--suite is required")
-    run_suite(args.suite, args.json, args.rates, args.work, args.repeats)
+    run_suite(args.suite, args.json, args.rates, args.work, args.repeats,
+              args.cases.split(",") if args.cases else None, args.graph_index)
     return 0
 
 

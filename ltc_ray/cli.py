@@ -134,8 +134,9 @@ def cluster_parser() -> argparse.ArgumentParser:
                       help="print input size, kNN layout, partitions, per-worker memory and "
                       "expected stage times for this cluster, then exit")
     plan.add_argument("--resources", metavar="JSON",
-                      help='plan for a hypothetical cluster, e.g. \'{"CPU": 64, "GPU": 8}\' '
-                      "(default: the cluster's own, read from Ray)")
+                      help='plan for a hypothetical cluster, e.g. \'{"CPU": 64, "GPU": 8, '
+                      '"gpu_free_bytes": 80e9}\' (default: the cluster\'s own, read from Ray, '
+                      "with one GPU worker's free memory measured)")
     plan.add_argument("--rows", type=int,
                       help="plan a hypothetical corpus of this many rows (with --dim; no input)")
     return p
@@ -182,10 +183,13 @@ def cluster_dry_run(args: argparse.Namespace) -> int:
     if resources is None:
         import ray
 
+        from ltc_ray.pipeline.knn_stage import measure_gpu_free_bytes
         from ltc_ray.pipeline.runtime import init_ray
 
         started = not ray.is_initialized()
-        resources = init_ray(args.num_cpus)
+        resources = dict(init_ray(args.num_cpus))
+        if resources.get("GPU") and cfg.knn.gpu == "auto":  # the layout's GPU budget
+            resources["gpu_free_bytes"] = measure_gpu_free_bytes(resources) or 0.0
         if started:
             ray.shutdown()
     print(format_plan(make_plan(n, dim, cfg, resources, source=source,

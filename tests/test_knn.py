@@ -117,6 +117,25 @@ def test_layout_never_requests_missing_gpus():
     assert never.gpus_per_actor == 0
 
 
+def test_layout_replicates_or_shards_by_measured_gpu_memory():
+    """5.21M x 256 fp32 = 5.3 GB: replicated on 8 GPUs with 78 GiB free each, sharded
+    when a GPU has 8 GB free (0.6 x 8 GB per copy -> 2 shards, then at least one per GPU);
+    on a CPU-only cluster the measurement is ignored and never taken."""
+    cfg = KnnConfig(shard_max_bytes=1e12)
+    roomy = plan_knn_layout(5_206_761, 256, cfg, {"CPU": 64.0, "GPU": 8.0}, 78 * 2**30)
+    assert roomy.mode == "replicate" and roomy.n_actors == 8 and roomy.gpus_per_actor == 1.0
+    tight = plan_knn_layout(5_206_761, 256, cfg, {"CPU": 16.0, "GPU": 1.0}, 8e9)
+    assert tight.mode == "shard" and tight.n_actors == 2 and tight.gpus_per_actor == 0.5
+    hypothetical = plan_knn_layout(5_206_761, 256, cfg,
+                                   {"CPU": 16.0, "GPU": 1.0, "gpu_free_bytes": 8e9})
+    assert hypothetical.shard_ranges == tight.shard_ranges
+    cpu = plan_knn_layout(5_206_761, 256, cfg, {"CPU": 16.0}, 1e9)
+    assert cpu.mode == "replicate" and cpu.gpus_per_actor == 0
+    from ltc_ray.pipeline.knn_stage import measure_gpu_free_bytes
+
+    assert measure_gpu_free_bytes({"CPU": 2.0}) is None  # no GPU task is ever submitted
+
+
 @pytest.fixture(scope="module")
 def knn_data(tmp_path_factory):
     x, labels = blobs(n_per=60, n_clusters=40, dim=48, spread=2.0, seed=7)

@@ -203,3 +203,25 @@ def test_hard_clusters_plan_uses_its_measured_stage_rates():
         5_206_761 / (jobs["hard_clusters_link_rows_per_cpu_s"] * 64))
     assert plan["expected_seconds"]["score (edge scorer + NDDE)"] > 0
     assert "score (gcn-v inference)" not in plan["expected_seconds"]
+
+
+def test_benchmark_harness_case_subset_builds_its_graph_untimed(tmp_path):
+    """``--cases merge --graph-index ivf``: no kNN entry; the merge case runs on an IVF graph
+    built once, untimed (how cpu-scale's large sizes stay affordable on a few cores)."""
+    out = tmp_path / "subset.json"
+    subprocess.run(
+        [PYTHON, str(REPO / "benchmarks" / "run.py"), "--suite", "smoke", "--cases", "merge",
+         "--graph-index", "ivf", "--json", str(out), "--work", str(tmp_path / "work")],
+        check=True, timeout=300, capture_output=True,
+    )
+    result = json.loads(out.read_text())
+    assert [e["name"] for e in result["entries"]] == ["merge"]
+    assert result["graph_index"] == "ivf"
+    manifest = json.loads((tmp_path / "work" / "knn-0.002" / "manifest.json").read_text())
+    assert manifest["index"] == "ivf"
+    assert result["entries"][0]["reference_detail"]["same_partition"] is True
+    bad = subprocess.run(
+        [PYTHON, str(REPO / "benchmarks" / "run.py"), "--suite", "smoke", "--cases", "gcn-v"],
+        timeout=60, capture_output=True, text=True,
+    )
+    assert bad.returncode != 0 and "not in suite smoke" in bad.stderr

@@ -59,20 +59,34 @@ class KnnLayout:
     shard_ranges: list[tuple[int, int]]  # one per actor (replicate: the whole base)
 
 
-def plan_knn_layout(n_rows: int, dim: int, cfg: KnnConfig, resources: dict) -> KnnLayout:
+# Share of a GPU's measured free memory a database copy may take: the rest holds the query
+# block, the score tiles (2^27 scores), the candidates and the CUDA context.
+GPU_MEMORY_SHARE = 0.6
+
+
+def plan_knn_layout(n_rows: int, dim: int, cfg: KnnConfig, resources: dict,
+                    gpu_free_bytes: float | None = None) -> KnnLayout:
     """Choose replicate vs shard and the actor count from the cluster's resources.
 
     GPUs are requested only when the cluster reports some, so a GPU actor is never
-    left pending on a CPU-only cluster.
+    left pending on a CPU-only cluster. With GPUs, ``gpu_free_bytes`` (measured on a GPU
+    worker by :func:`measure_gpu_free_bytes`, or given as ``gpu_free_bytes`` in a
+    hypothetical ``resources``) caps the bytes per database copy at
+    :data:`GPU_MEMORY_SHARE` of it: the database is replicated on every GPU while it fits
+    there, else sharded so that each shard does.
     """
     cpus = max(float(resources.get("CPU", 1.0)), 1.0)
     gpus = int(resources.get("GPU", 0)) if cfg.gpu == "auto" else 0
     base_bytes = n_rows * dim * 4
+    gpu_free_bytes = gpu_free_bytes or resources.get("gpu_free_bytes")
+    budget = cfg.shard_max_bytes
+    if gpus and gpu_free_bytes:
+        budget = min(budget, GPU_MEMORY_SHARE * float(gpu_free_bytes))
     mode = cfg.mode
     if mode == "auto":
-        mode = "shard" if cfg.shards > 1 or base_bytes > cfg.shard_max_bytes else "replicate"
+        mode = "shard" if cfg.shards > 1 or base_bytes > budget else "replicate"
     if mode == "shard":
-        n_actors = cfg.shards or max(math.ceil(base_bytes / cfg.shard_max_bytes), gpus, 1)
+        n_actors = cfg.shards or max(math.ceil(base_bytes / budget), gpus, 1)
         n_actors = min(n_actors, n_rows)
         bounds = np.linspace(0, n_rows, n_actors + 1).round().astype(int)
         ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -89,6 +103,26 @@ def plan_knn_layout(n_rows: int, dim: int, cfg: KnnConfig, resources: dict) -> K
         gpus_per_actor=min(1.0, gpus / n_actors) if gpus else 0.0,
         shard_ranges=ranges,
     )
+
+
+@ray.remote(num_cpus=0, num_gpus=1)
+def _gpu_free_bytes() -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
+
+
+def measure_gpu_free_bytes(resources: dict) -> int | None:
+    """Free memory of one GPU worker (bytes), measured by a one-GPU task; None without GPUs
+    or when the worker cannot tell (no CUDA torch)."""
+    if not resources.get("GPU"):
+        return None
+    try:
+        return ray_get(_gpu_free_bytes.remote())
+    except Exception as exc:  # noqa: BLE001 - a plan input, not a failure: fall back
+        log.warning("kNN: could not measure GPU memory (%s); using knn.shard_max_bytes", exc)
+        return None
 
 
 def _exact_or_ivf_index(xb: np.ndarray, cfg: KnnConfig, seed: int, want_gpu: bool):
@@ -205,7 +239,8 @@ def build_knn_graph(
     if existing is not None:  # an old graph: never let its manifest vouch for new blocks
         _drop_manifest(work_dir, so)
 
-    layout = plan_knn_layout(info.n_rows, info.dim, cfg, resources)
+    gpu_free = measure_gpu_free_bytes(resources) if cfg.gpu == "auto" else None
+    layout = plan_knn_layout(info.n_rows, info.dim, cfg, resources, gpu_free)
     log.info(
         "kNN: %s mode, %d actor(s) x %d thread(s)%s, index=%s, k=%d, block_rows=%d",
         layout.mode, layout.n_actors, layout.threads_per_actor,
@@ -256,6 +291,7 @@ def build_knn_graph(
         "n_actors": layout.n_actors,
         "threads_per_actor": layout.threads_per_actor,
         "gpus_per_actor": layout.gpus_per_actor,
+        "gpu_free_bytes": gpu_free,
         "backend": sorted(set(backends)),
         "search_seconds": round(search_s, 3),
         "actor_peak_rss_bytes": max(actor_rss),
@@ -356,4 +392,4 @@ def import_ltc_knn(
     return manifest, {"imported_from": uri, "worker_peak_rss_bytes": result["peak_rss"]}
 
 
-__all__ = ["build_knn_graph", "import_ltc_knn", "plan_knn_layout"]
+__all__ = ["build_knn_graph", "import_ltc_knn", "measure_gpu_free_bytes", "plan_knn_layout"]

@@ -29,7 +29,10 @@ FAISS_GEMM_SCRATCH = 4096 * 1024 * 4
 # hypothetical corpora above this many rows are planned with IVF (exact kNN is quadratic)
 APPROX_ROWS = 20_000_000
 GCN_HIDDEN = 512  # GCN-V's hidden width in the paper setting (models.gcn_v.GCNV default)
-ADJ_BYTES_PER_EDGE = 110  # adjacency_rows temporaries per directed edge (graph.adjacency)
+# adjacency_rows temporaries per directed edge that are alive at the actor's peak: fitted to
+# the cpu-scale suite's measured peaks at 117K-234K rows (110 B were alive in an isolated
+# call, but the peak is one phase, not every temporary at once; 110 over-predicted by 41 %)
+ADJ_BYTES_PER_EDGE = 30
 
 
 def load_rates(path: str | os.PathLike | None = None) -> dict:
