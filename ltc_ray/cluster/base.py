@@ -55,6 +55,9 @@ class ClusterMethod(abc.ABC):
     # Methods whose link needs neighbours' features and kNN rows (GCN-E) link with
     # ``link_halo`` on actors over the feature graph instead of ``link`` in tasks.
     needs_link_halo: ClassVar[bool] = False
+    # ... and whether those link actors also serve the neighbours' features (GCN-E does;
+    # TPDi needs only the rows)
+    link_features: ClassVar[bool] = True
     # Whole-graph methods (``cluster.whole_graph.WholeGraphMethod``) cluster all kNN rows
     # in one Ray task with ``cluster_graph`` instead of linking per partition.
     whole_graph: ClassVar[bool] = False

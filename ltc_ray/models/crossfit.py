@@ -57,6 +57,14 @@ def identity_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return deal[inverse.reshape(-1)].astype(np.int64)
 
 
+def _fold_layout(labels: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each sample's identity fold, the samples in fold order (the stacked outputs' row
+    order) and the smallest fold's size."""
+    fold_of = identity_folds(labels, folds, seed)
+    order = np.concatenate([np.flatnonzero(fold_of == f) for f in range(folds)])
+    return fold_of, order, int(np.bincount(fold_of, minlength=folds).min())
+
+
 def _graph(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ids, sims = exact_knn(x, min(k, len(x) - 1))  # k columns, self first
     return ids.astype(np.int64), sims.astype(np.float32)
@@ -81,9 +89,7 @@ def out_of_fold_gcn_v(
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     labels = np.asarray(labels)
-    fold_of = identity_folds(labels, folds, cfg.seed)
-    order = np.concatenate([np.flatnonzero(fold_of == f) for f in range(folds)])
-    smallest = int(np.bincount(fold_of, minlength=folds).min())
+    fold_of, order, smallest = _fold_layout(labels, folds, cfg.seed)
     if smallest < 2:
         raise ValueError(f"a fold of {smallest} sample(s) has no neighbours")
     edge_k = min(edge_k, smallest - 1)  # the folds' graphs are stacked: one width
@@ -134,9 +140,7 @@ def out_of_fold_edges(x: np.ndarray, labels: np.ndarray, cfg, k: int, folds: int
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     labels = np.asarray(labels)
-    fold_of = identity_folds(labels, folds, cfg.seed)
-    order = np.concatenate([np.flatnonzero(fold_of == f) for f in range(folds)])
-    smallest = int(np.bincount(fold_of, minlength=folds).min())
+    fold_of, order, smallest = _fold_layout(labels, folds, cfg.seed)
     k = min(k, smallest - 1)  # the folds' graphs are stacked: one width
     if k < 2:
         raise ValueError(f"a fold of {smallest} sample(s) is too small to cross-fit")

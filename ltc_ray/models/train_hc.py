@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -108,7 +108,3 @@ def train_edge_scorer(x: np.ndarray, knn_ids: np.ndarray, labels: np.ndarray,
         torch.set_num_threads(before)
     model.eval()
     return model, history
-
-
-def config_record(cfg: EdgeTrainConfig) -> dict:
-    return asdict(cfg)

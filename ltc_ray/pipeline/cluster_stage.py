@@ -230,7 +230,7 @@ def link_merge_stage(
                 threshold = ray_get(_confidence_quantile.remote(method.rho, *scores))
                 rec.extra["model_threshold"] = threshold
             parents, edges, stat_refs, actors = link_with_halo(
-                method, info if getattr(method, "link_features", True) else None, manifest,
+                method, info if method.link_features else None, manifest,
                 ranges, cpus, scores, forest, threshold, so)
         else:
             method_ref = ray.put(method)

@@ -101,19 +101,20 @@ class PartitionActor:
         return scores, stats
 
     def _gather(self, cols: np.ndarray, actors: list, bounds: np.ndarray, index: int) -> np.ndarray:
-        return gather_features(self.x, self.start, cols, actors, bounds, index)
+        return gather_rows(self.x, self.start, cols, actors, bounds, index)
 
 
-def gather_features(x: np.ndarray, start: int, cols: np.ndarray, actors: list,
-                    bounds: np.ndarray, index: int) -> np.ndarray:
-    """Features of global ids ``cols`` in order: partition ``index``'s own rows from ``x``
-    (its rows from ``start``), the halo's from their owners' ``rows`` method."""
+def gather_rows(x: np.ndarray, start: int, cols: np.ndarray, actors: list,
+                    bounds: np.ndarray, index: int, method: str = "rows") -> np.ndarray:
+    """Rows of ``x`` (features, or any per-node array) for global ids ``cols``, in order:
+    partition ``index``'s own from ``x`` (its rows from ``start``), the halo's from their
+    owners' ``method`` (e.g. ``rows``)."""
     owner = np.searchsorted(bounds, cols, side="right") - 1
-    out = np.empty((len(cols), x.shape[1]), dtype=np.float32)
+    out = np.empty((len(cols), *x.shape[1:]), dtype=x.dtype)
     mine = owner == index
     out[mine] = x[cols[mine] - start]
     wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner[~mine])]
-    fetched = ray.get([actors[p].rows.remote(cols[pos]) for p, pos in wanted])
+    fetched = ray.get([getattr(actors[p], method).remote(cols[pos]) for p, pos in wanted])
     for (_, pos), rows in zip(wanted, fetched, strict=True):
         out[pos] = rows
     return out

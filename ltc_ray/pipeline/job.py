@@ -335,7 +335,7 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
                 **_method_inputs(method, method.score_params, model_digest)}
     score_fp, marker = store.lookup("score", score_in)
     scores_uri = store.uri("score", "scores.npy")
-    rescores = bool(getattr(method, "rescores_graph", False))
+    rescores = method.rescores_graph
     rescored_dir = join_uri(work, "knn-rescored")
     rescored = None  # the graph a rescoring method (hard-clusters) links on
     if marker is not None and rescores:

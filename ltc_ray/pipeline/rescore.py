@@ -27,7 +27,7 @@ from ltc_ray.graph.knn_graph import KnnManifest, block_file, read_knn_rows, save
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.io.fs import join_uri
 from ltc_ray.io.knn_files import id_dtype_for, save_knn_block
-from ltc_ray.pipeline.halo import gather_features
+from ltc_ray.pipeline.halo import gather_rows
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, set_torch_threads, wait_all
 from ltc_ray.pipeline.stages import delay_for_tests
 
@@ -63,7 +63,7 @@ class EdgeActor:
         delay_for_tests("score")
         ids = self.knn_ids.astype(np.int64)
         needed = np.unique(ids[ids >= 0])
-        feats = gather_features(self.x, self.start, needed, actors, bounds, index)
+        feats = gather_rows(self.x, self.start, needed, actors, bounds, index)
         halo = int(np.count_nonzero((needed < self.start) | (needed >= self.stop)))
 
         def feats_of(query: np.ndarray) -> np.ndarray:
@@ -106,14 +106,8 @@ class EdgeActor:
         current one; returns the owned L1 change in fixed-point units."""
         src = self.incoming.src
         sources = np.unique(src)
-        owner = np.searchsorted(bounds, sources, side="right") - 1
-        values = np.empty(len(sources))
-        wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner)]
-        fetched = ray.get([actors[p].rho_of.remote(sources[pos]) for p, pos in wanted
-                           if p != index])
-        it = iter(fetched)
-        for p, pos in wanted:
-            values[pos] = self.rho_of(sources[pos]) if p == index else next(it)
+        values = gather_rows(self.rho, self.start, sources, actors, bounds, index,
+                                 method="rho_of")
         pulled = self.incoming.pull(values[np.searchsorted(sources, src)])
         self.next_rho = damping * self.rho + (1.0 - damping) * pulled
         return l1_units(self.next_rho - self.rho)
