@@ -52,6 +52,7 @@ SUITES = {
         "repeats": 1,
         "metrics_n": 20_000,
         "cases": ["knn", "merge", "metrics"],
+        "extra_cases": ["hard-clusters"],  # only with --cases (its actors take ~20 s)
         "cpus": 2,
         "hidden": 64,
     },
@@ -71,7 +72,8 @@ SUITES = {
         "k": 80,
         "repeats": 3,
         "metrics_n": 5_206_761,
-        "cases": ["knn", "merge", "metrics", "gcn-v"],
+        "metrics_scaled": True,  # metrics at 5.21M x size / largest size: a slope too
+        "cases": ["knn", "merge", "metrics", "gcn-v", "hard-clusters"],
         "cpus": 2,
         "hidden": 512,
     },
@@ -287,6 +289,12 @@ def _gcn_method(p: dict):
     return get_method("gcn-v", cfg)
 
 
+def _even_ranges(n: int, parts: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``parts`` contiguous row ranges of ``n`` rows: (bounds, [(lo, hi), ...])."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return bounds, [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def _gcn_ours(p: dict) -> dict:
     from ltc_ray.graph.knn_graph import load_manifest
     from ltc_ray.io.features import inspect_features
@@ -297,8 +305,7 @@ def _gcn_ours(p: dict) -> dict:
     info = inspect_features(p["features"])
     manifest = load_manifest(p["work_dir"])
     method = _gcn_method(p)
-    bounds = np.linspace(0, info.n_rows, p["partitions"] + 1).round().astype(int)
-    ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    bounds, ranges = _even_ranges(info.n_rows, p["partitions"])
     log = StageLog()
     t0 = time.perf_counter()
     scores, _ = score_stage(method, manifest, ranges, float(p["cpus"]), None, log, info=info)
@@ -337,6 +344,88 @@ def _gcn_ref(p: dict) -> dict:
     return out
 
 
+def _hc_method(p: dict):
+    from ltc_ray.cluster import get_method
+    from ltc_ray.config import Config, KnnConfig
+
+    cfg = Config(method="hard-clusters", knn=KnnConfig(k=p["k"]))
+    cfg.methods.hard_clusters.model = p["hc_model"]
+    return get_method("hard-clusters", cfg), cfg
+
+
+def _hc_ours(p: dict) -> dict:
+    """The job's score (edge scorer + NDDE on edge actors), link (TPDi on link actors) and
+    merge stages over the prepared graph; the stage times give per-stage slopes."""
+    from ltc_ray.graph.knn_graph import load_manifest
+    from ltc_ray.io.features import inspect_features
+    from ltc_ray.pipeline.cluster_stage import link_merge_stage
+    from ltc_ray.pipeline.rescore import rescore_and_density
+    from ltc_ray.pipeline.runtime import StageLog, ray_get
+
+    ray = _ray_start(p["cpus"])
+    info = inspect_features(p["features"])
+    manifest = load_manifest(p["work_dir"])
+    method, cfg = _hc_method(p)
+    bounds, ranges = _even_ranges(info.n_rows, p["partitions"])
+    out_dir = p["out"] + ".rescored"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    log = StageLog()
+    t0 = time.perf_counter()
+    with log.stage("score", rows=info.n_rows):
+        scores, graph, stats = rescore_and_density(method, info, manifest, ranges,
+                                                   float(p["cpus"]), out_dir)
+    refs = link_merge_stage(method, graph, ranges, scores, cfg.cluster, None, log,
+                            cpus=float(p["cpus"]), features=info)
+    cluster_id = ray_get(refs.cluster_id)
+    seconds = time.perf_counter() - t0
+    link_rss = log.stages["link"].worker_peak_rss_bytes
+    ray.shutdown()
+    np.save(p["out"] + ".npy", cluster_id)
+    return {
+        "seconds": seconds,
+        "stages_s": {name: log.stages[name].seconds for name in ("score", "link", "merge")},
+        "worker_rss": max(*stats["actor_peak_rss_bytes"], link_rss),
+        "edge_actor_rss": max(stats["actor_peak_rss_bytes"]),
+        "link_actor_rss": link_rss,
+        "halo_rows": stats["halo_rows"],
+        "link_halo_rows": log.stages["link"].extra["halo_rows"],
+        "rows_per_partition": int(np.max(np.diff(bounds))),
+        "partitions": len(ranges),
+        "clusters": refs.n_clusters,
+    }
+
+
+def _hc_ref(p: dict) -> dict:
+    """The reference's shape: the whole graph in one process (score every row, NDDE,
+    TPDi, link, connected components)."""
+    import torch
+
+    from ltc_ray.cluster.base import PartitionInput
+    from ltc_ray.cluster.components import merge_edges
+    from ltc_ray.cluster.hard_clusters import ndde_density
+    from ltc_ray.graph.knn_graph import load_manifest, read_knn_rows
+    from ltc_ray.io.features import inspect_features, read_features
+
+    torch.set_num_threads(p["cpus"])
+    info = inspect_features(p["features"])
+    manifest = load_manifest(p["work_dir"])
+    method, _ = _hc_method(p)
+    t0 = time.perf_counter()
+    x = read_features(info, 0, info.n_rows)
+    knn_ids, _ = read_knn_rows(manifest, 0, info.n_rows)
+    ids, prob = method.rescore(knn_ids.astype(np.int64), lambda q: x[q])
+    density, _ = ndde_density(ids, prob, method.params.density_k, method.params.density_sigma)
+    link = method.link(PartitionInput(0, len(ids), ids, prob), density.astype(np.float32))
+    cluster_id, sizes, _ = merge_edges(len(ids), [(link.src, link.dst)])
+    seconds = time.perf_counter() - t0
+    out = {"seconds": seconds, "clusters": len(sizes)}
+    if os.path.exists(p["out"] + ".npy"):  # ours, from the run just before: same partition
+        ours = np.load(p["out"] + ".npy")
+        pairs = np.unique(np.stack([ours, cluster_id]), axis=1).shape[1]
+        out["same_partition"] = bool(pairs == len(sizes) == len(np.unique(ours)))
+    return out
+
+
 CHILDREN = {
     ("baseline", "ours"): _child_baseline,
     ("knn", "ours"): _knn_ours,
@@ -347,6 +436,8 @@ CHILDREN = {
     ("metrics", "reference"): _metrics_ref,
     ("gcn-v", "ours"): _gcn_ours,
     ("gcn-v", "reference"): _gcn_ref,
+    ("hard-clusters", "ours"): _hc_ours,
+    ("hard-clusters", "reference"): _hc_ref,
 }
 
 
@@ -418,6 +509,9 @@ def measure(case: str, params: dict, repeats: int) -> dict:
         "ours_runs_s": [r["seconds"] for r in runs["ours"]],
         "reference_runs_s": [r["seconds"] for r in runs["reference"]],
         "ours_detail": runs["ours"][-1],
+        "ours_all": [
+            {key: r[key] for key in ("seconds", "stages_s") if key in r} for r in runs["ours"]
+        ],
         "reference_detail": runs["reference"][-1],
     }
 
@@ -426,8 +520,10 @@ def memory_checks(entry: dict, n: int, dim: int, k: int, hidden: int, base: dict
     """Predicted (memory model) vs measured peak RSS for the processes this case ran."""
     from ltc_ray.pipeline.plan import (
         driver_memory,
+        edge_actor_memory,
         inference_actor_memory,
         knn_actor_memory,
+        link_actor_memory,
         merge_memory,
     )
 
@@ -463,6 +559,18 @@ def memory_checks(entry: dict, n: int, dim: int, k: int, hidden: int, base: dict
             inference_actor_memory(n_part, halo, dim, k, base["worker"], hidden),
             d["worker_rss"],
         )
+    elif entry["name"] == "hard-clusters":
+        n_part, parts = d["rows_per_partition"], d["partitions"]
+        check(
+            "edge_actor",
+            edge_actor_memory(n_part, d["halo_rows"] // parts, dim, k, base["worker"]),
+            d["edge_actor_rss"],
+        )
+        check(
+            "link_actor",
+            link_actor_memory(n_part, d["link_halo_rows"] // parts, n, k, base["worker"]),
+            d["link_actor_rss"],
+        )
     elif entry["name"] == "merge":
         est = merge_memory(n, d["forest_edges"], base["light"])
         # the same process also ran the link step, one partition at a time
@@ -480,6 +588,7 @@ def run_suite(
     repeats: int | None = None,
     cases: list[str] | None = None,
     graph_index: str = "flat",
+    sizes: list[float] | None = None,
 ) -> dict:
     """Run suite ``name``. ``cases`` limits it to some of its cases; without the kNN case
     the graph the others need is built once per size, untimed, with ``graph_index``
@@ -489,10 +598,13 @@ def run_suite(
 
     suite = dict(SUITES[name])
     if cases:
-        unknown = sorted(set(cases) - set(suite["cases"]))
+        allowed = suite["cases"] + suite.get("extra_cases", [])
+        unknown = sorted(set(cases) - set(allowed))
         if unknown:
-            raise SystemExit(f"--cases: {unknown} not in suite {name} ({suite['cases']})")
-        suite["cases"] = [c for c in suite["cases"] if c in cases]
+            raise SystemExit(f"--cases: {unknown} not in suite {name} ({allowed})")
+        suite["cases"] = [c for c in allowed if c in cases]
+    if sizes:
+        suite["sizes"] = sizes
     repeats = repeats or suite["repeats"]
     k, cpus, hidden = suite["k"], suite["cpus"], suite["hidden"]
     load_before = os.getloadavg()
@@ -534,14 +646,28 @@ def run_suite(
 
             torch.manual_seed(0)
             save_model(str(model), GCNV(dim, hidden), {"k": k, "thresholds": {"tau": 0.6}})
+        hc_model = tmp / "model-hard-clusters"
+        if "hard-clusters" in suite["cases"] and not hc_model.exists():
+            import torch
+
+            from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
+            from ltc_ray.models.store import save_edge_scorer
+
+            # untrained weights: the cost per row does not depend on them; tau 0.7 is the
+            # paper's default (about half the nodes link with these weights)
+            torch.manual_seed(0)
+            save_edge_scorer(str(hc_model), EdgeScorer(ScorerShape(in_dim=dim, k=k)),
+                             {"thresholds": {"tau": 0.7}})
         common = {
             "features": part["features"],
             "k": k,
             "cpus": cpus,
             "work_dir": str(tmp / f"knn-{scale}"),
             "model": str(model),
+            "hc_model": str(hc_model),
         }
-        if "knn" not in suite["cases"] and {"merge", "gcn-v"} & set(suite["cases"]):
+        graph_cases = {"merge", "gcn-v", "hard-clusters"}
+        if "knn" not in suite["cases"] and graph_cases & set(suite["cases"]):
             prep = run_child("knn", "ours", {**common, "index": graph_index})  # not timed
             worker_bases.append(prep["worker_baseline"])
             driver_bases.append(prep["driver_baseline"])
@@ -558,7 +684,12 @@ def run_suite(
             }
             if case == "knn":  # the kNN case leaves its graph for merge and gcn-v
                 params["work_dir"] = common["work_dir"]
-            size = suite["metrics_n"] if case == "metrics" else n
+            size = n
+            if case == "metrics":
+                size = suite["metrics_n"]
+                if suite.get("metrics_scaled"):
+                    size = round(size * scale / max(suite["sizes"]))
+                params["metrics_n"] = size
             entry = {
                 "name": case,
                 "N": size,
@@ -594,6 +725,9 @@ def run_suite(
         "entries": entries,
         "memory_checks": checks,
         "slopes": _slopes(entries) if len(suite["sizes"]) > 1 else {},
+        "stage_slopes": _stage_slopes(entries) if len(suite["sizes"]) > 1 else {},
+        "slopes_top": ({**_slopes(entries, True), **_stage_slopes(entries, True)}
+                       if len(suite["sizes"]) > 1 else {}),
         "graph_index": graph_index if "knn" not in suite["cases"] else "flat",
     }
     print(markdown_table(result))
@@ -619,14 +753,36 @@ def _machine() -> dict:
     }
 
 
-def _slopes(entries: list[dict]) -> dict:
+def _fit(pts: list[tuple[float, float]], top: bool) -> float:
+    """log-log slope through ``pts`` (N, seconds); ``top``: between the two largest N only,
+    where fixed costs (actor start-up, task launch) weigh least."""
+    pts = sorted(pts)[-2:] if top else pts
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _slopes(entries: list[dict], top: bool = False) -> dict:
     """log-log slope of ours_s against N per case (1.0 = linear)."""
     out = {}
-    for case in {e["name"] for e in entries}:
+    for case in sorted({e["name"] for e in entries}):
         pts = [(e["N"], e["ours_s"]) for e in entries if e["name"] == case]
         if len({x for x, _ in pts}) > 1:
-            x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-            out[case] = float(np.polyfit(x, y, 1)[0])
+            out[case] = _fit(pts, top)
+    return out
+
+
+def _stage_slopes(entries: list[dict], top: bool = False) -> dict:
+    """log-log slope per pipeline stage, for cases whose runs report stage times."""
+    out = {}
+    for case in sorted({e["name"] for e in entries}):
+        runs = [e for e in entries if e["name"] == case and "stages_s" in e["ours_detail"]]
+        if len(runs) < 2:
+            continue
+        for stage in runs[0]["ours_detail"]["stages_s"]:
+            # the median over repeats of each stage's time
+            pts = [(e["N"], _median([r["stages_s"][stage] for r in e["ours_all"]]))
+                   for e in runs]
+            out[f"{case}/{stage}"] = _fit(pts, top)
     return out
 
 
@@ -712,6 +868,18 @@ def markdown_table(result: dict) -> str:
             "",
             "log-log slopes: " + ", ".join(f"{k} {v:.2f}" for k, v in result["slopes"].items()),
         ]
+    if result.get("stage_slopes"):
+        lines += [
+            "",
+            "log-log slopes per stage: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["stage_slopes"].items()),
+        ]
+    if result.get("slopes_top"):
+        lines += [
+            "",
+            "between the two largest sizes: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["slopes_top"].items()),
+        ]
     return "\n".join(lines)
 
 
@@ -723,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="scratch directory (default: a new temp dir)")
     ap.add_argument("--repeats", type=int, help="override the suite's repeat count")
     ap.add_argument("--cases", help="comma-separated subset of the suite's cases")
+    ap.add_argument("--sizes", help="comma-separated dataset scales instead of the suite's "
+                    "(fractions of the 584K-row part1), e.g. 0.01,0.02")
     ap.add_argument("--graph-index", choices=("flat", "ivf"), default="flat",
                     help="without the knn case: index of the (untimed) graph the others use")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -738,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.suite:
         ap.error("--suite is required")
     run_suite(args.suite, args.json, args.rates, args.work, args.repeats,
-              args.cases.split(",") if args.cases else None, args.graph_index)
+              args.cases.split(",") if args.cases else None, args.graph_index,
+              [float(v) for v in args.sizes.split(",")] if args.sizes else None)
     return 0
 
 

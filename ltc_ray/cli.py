@@ -54,7 +54,8 @@ def _add_input_args(p: argparse.ArgumentParser, labels_help: str) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser, work_dir_default: str) -> None:
     """Flags every job over a split shares: kNN reuse, config, overrides, work area, CPUs."""
-    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse")
+    p.add_argument("--knn", help="precomputed learn-to-cluster faiss_k_<k>.npz to reuse "
+                   "(with --part, default: the part's knns/<part>/faiss_k_<k>.npz if present)")
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set knn.k=40 (repeatable)")
@@ -70,6 +71,13 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | No
     so = _storage_options(args.storage_options)
     if args.part is not None and args.features:
         raise InputError("--part", "give either --part or --features, not both")
+    if args.part is None and not args.features:
+        raise InputError("--features", "an input is required: --part N or --features URI")
+    knn = getattr(args, "knn", None)
+    if knn:  # a file named on the command line must exist (--part's own is optional)
+        with storage_errors(knn):
+            if not uri_exists(knn, so):
+                raise InputError(knn, "kNN file not found (--knn)")
     if args.part is not None:
         name = part_name(args.part)
         paths = part_paths(args.data_root, args.part)
@@ -78,15 +86,8 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | No
             with storage_errors(paths.labels):
                 if uri_exists(paths.labels, so):
                     labels = paths.labels
-        return paths.features, labels, paths.knn, name
-    if not args.features:
-        raise InputError("--features", "an input is required: --part N or --features URI")
+        return paths.features, labels, knn or paths.knn, name  # --knn wins over the part's
     name = args.features.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    knn = getattr(args, "knn", None)
-    if knn:  # a file named on the command line must exist (--part's own is optional)
-        with storage_errors(knn):
-            if not uri_exists(knn, so):
-                raise InputError(knn, "kNN file not found (--knn)")
     return args.features, args.labels, knn, name
 
 
@@ -209,7 +210,7 @@ def cluster_main(argv: Sequence[str]) -> int:
     from ltc_ray.pipeline import JobSpec, run_job  # after the cheap checks: imports Ray
 
     output = args.output or f"runs/{name}-{cfg.method}"
-    if args.part is not None and cfg.knn.k != 80:
+    if args.part is not None and not args.knn and cfg.knn.k != 80:  # the part's own file
         knn = knn.replace("faiss_k_80.npz", f"faiss_k_{cfg.knn.k}.npz")
     spec = JobSpec(
         features=features, labels=labels, knn=knn, output=output, config=cfg,

@@ -96,6 +96,10 @@ class HardClustersParams:
     max_iter: int = 100  # iterative NDDE: iterations at most
     tpdi_sigma: float = 0.05  # TPDi softmax temperature on d'
     batch_size: int = 256  # anchors per edge-scorer forward pass (each pass is padded to it)
+    # halo an edge or link actor fetches at once (features; re-scored rows); a larger halo
+    # (rows in random order at scale: the whole corpus) is fetched per chunk of rows
+    # instead, with more requests and the same results
+    halo_bytes: int = 1 << 28
 
 
 @dataclass
@@ -331,6 +335,7 @@ def validate(cfg: Config) -> Config:
         "methods.hard-clusters.max_iter": cfg.methods.hard_clusters.max_iter,
         "methods.hard-clusters.tpdi_sigma": cfg.methods.hard_clusters.tpdi_sigma,
         "methods.hard-clusters.batch_size": cfg.methods.hard_clusters.batch_size,
+        "methods.hard-clusters.halo_bytes": cfg.methods.hard_clusters.halo_bytes,
         "methods.infomap.trials": cfg.methods.infomap.trials,
         "methods.chinese-whispers.iterations": cfg.methods.chinese_whispers.iterations,
         "methods.knn-dbscan.eps": cfg.methods.knn_dbscan.eps,

@@ -1,5 +1,7 @@
 """Every registered method gives the same clusters for one vs many kNN shards, partitions
-and workers, and again on a rerun from scratch with the same seed (issue 4, item 6).
+and workers, each computed from scratch with the same seed, and again when a run resumes
+in a finished work area (issue 4, item 6). Two from-scratch runs that must agree bit for
+bit also catch run-to-run nondeterminism, so no third, same-layout rerun is made.
 
 Parametrized over the registry, so a newly registered method is covered automatically
 (tests/_models.py must be taught to make its model if it needs one).
@@ -72,7 +74,7 @@ def _run(path, method, flags, layout, out, work, capsys):
 def test_same_clusters_for_one_vs_many_and_reruns(ray_local, blob_file, method, tmp_path, capsys):
     flags = model_flags(method, tmp_path, 32, K)
     runs = {}
-    for name, layout in [("one", "one"), ("many", "many"), ("rerun", "one")]:
+    for name, layout in [("one", "one"), ("many", "many")]:
         # a fresh work area each time: every stage is computed again, nothing is reused
         run, cols = _run(blob_file, method, flags, layout, tmp_path / name,
                          tmp_path / f"{name}.work", capsys)  # fmt: skip
@@ -84,9 +86,8 @@ def test_same_clusters_for_one_vs_many_and_reruns(ray_local, blob_file, method, 
     ref = runs["one"][1]
     n_clusters = len(np.unique(ref["cluster_id"]))
     assert 2 <= n_clusters <= len(ref["cluster_id"]) // 2  # a real clustering, not a trivial one
-    for name in ("many", "rerun"):
-        for column in ("cluster_id", "parent", "score"):
-            np.testing.assert_array_equal(ref[column], runs[name][1][column], err_msg=name)
+    for column in ("cluster_id", "parent", "score"):
+        np.testing.assert_array_equal(ref[column], runs["many"][1][column], err_msg="many")
     # same graph and same stage fingerprints whatever the layout (layout is not an input)
     fingerprints = runs["one"][0]["stage_fingerprints"]
     assert fingerprints == runs["many"][0]["stage_fingerprints"]

@@ -313,45 +313,62 @@ def _rescored(work):
 
 
 @pytest.mark.parametrize("density", ["approximate", "iterative"])
-def test_partition_invariance_and_whole_graph_equality(hc_trained, tmp_path, density):
-    """1, 2 and 7 partitions give bit-identical re-scored rows, densities and clusters, and
-    these equal the single-process definitions on the whole re-scored graph."""
+def test_seven_partitions_equal_the_whole_graph_definitions(hc_trained, tmp_path, density):
+    """A job on 7 partitions (edge actors with feature halos, the NDDE reduce, link actors
+    with row halos) gives bit-identical re-scored rows, densities, parents and clusters to
+    the single-process definitions on the whole graph, so any partitioning gives the same
+    result (one vs three partitions through the job: tests/test_determinism.py). The
+    iterative run also caps the halo an actor fetches at once (``halo_bytes``), so edge
+    actors fetch features per chunk of rows and link actors rows per TPDi block."""
     from ltc_ray.cluster import get_method
     from ltc_ray.cluster.base import PartitionInput
     from ltc_ray.cluster.components import merge_edges
     from ltc_ray.config import load_config
+    from ltc_ray.graph import read_knn_rows
+    from ltc_ray.graph.knn_graph import load_manifest
+    from ltc_ray.io.features import inspect_features, read_features
 
     root, model = hc_trained
-    # iterative: 7 partitions only; equality with the whole-graph definition below is
-    # what makes it invariant (the reduce is the one-step test's)
-    counts = (1, 2, 7) if density == "approximate" else (7,)
-    runs = [_cluster(root, model, tmp_path, f"{density}{p}", f"cluster.partitions={p}",
-                     f"methods.hard-clusters.density={density}") for p in counts]
-    (run1, cols1, work1) = runs[0]
-    manifest, (ids, prob) = _rescored(work1)
-    assert len(manifest.bounds) == counts[0] + 1 and manifest.bounds[-1] == run1["n_samples"]
-    for run, cols, work in runs[1:]:
-        for a, b in zip(cols1, cols, strict=True):
-            np.testing.assert_array_equal(a, b)
-        other, (ids_p, prob_p) = _rescored(work)
-        assert len(other.bounds) - 1 == run["stages"]["score"]["partitions"]
-        np.testing.assert_array_equal(ids, ids_p)
-        np.testing.assert_array_equal(prob, prob_p)
-        assert run["stages"]["score"]["density_iterations"] == \
-            run1["stages"]["score"]["density_iterations"]
-    assert run1["stages"]["score"]["density_iterations"] > (1 if density == "iterative" else 0)
+    streamed = density == "iterative"
+    sets = ["methods.hard-clusters.halo_bytes=20000"] if streamed else []
+    run, cols, work = _cluster(root, model, tmp_path, density, "cluster.partitions=7",
+                               f"methods.hard-clusters.density={density}", *sets)
+    manifest, (ids, prob) = _rescored(work)
+    score, link_stage = run["stages"]["score"], run["stages"]["link"]
+    assert score["partitions"] == 7 and len(manifest.bounds) == 8
+    assert manifest.bounds[-1] == run["n_samples"]
+    assert score["halo_rows"] > 0 and link_stage["halo_rows"] > 0
+    if streamed:  # ~417 rows per partition in chunks of 256; one request per TPDi block
+        assert min(score["halo_chunks"]) == 2 and link_stage["halo_requests"] >= 7
+    else:
+        assert score["halo_chunks"] == [1] * 7 and link_stage["halo_requests"] == 7
+    # the edge scorer over the whole graph in one process
+    cfg = load_config(None, ["method=hard-clusters", f"methods.hard-clusters.model={model}",
+                             "knn.k=20", f"methods.hard-clusters.density={density}"])
+    method = get_method("hard-clusters", cfg)
+    knn = load_manifest(str(work / "knn"))
+    knn_ids, _ = read_knn_rows(knn, 0, knn.n_rows)
+    x = read_features(inspect_features(str(root / "features" / "part1_test.bin")), 0,
+                      knn.n_rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the edge actors (one CPU each)
+    try:
+        ids_ref, prob_ref = method.rescore(knn_ids.astype(np.int64), lambda q: x[q])
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(ids, ids_ref)
+    np.testing.assert_array_equal(prob, prob_ref)
     # the distributed density and linking equal the whole-graph definitions
     density_ref, iterations = ndde_density(ids, prob, mode=density)
-    assert iterations == run1["stages"]["score"]["density_iterations"]
-    np.testing.assert_array_equal(cols1[2], density_ref.astype(np.float32))
-    cfg = load_config(None, ["method=hard-clusters", f"methods.hard-clusters.model={model}",
-                             "knn.k=20"])
-    method = get_method("hard-clusters", cfg)
+    assert iterations == run["stages"]["score"]["density_iterations"]
+    assert iterations > (1 if density == "iterative" else 0)
+    np.testing.assert_array_equal(cols[2], density_ref.astype(np.float32))
     n = len(ids)
-    link = method.link(PartitionInput(0, n, ids, prob), cols1[2])
-    np.testing.assert_array_equal(cols1[1], link.parent)
+    link = method.link(PartitionInput(0, n, ids, prob), cols[2])
+    np.testing.assert_array_equal(cols[1], link.parent)
     cid, _, _ = merge_edges(n, [(link.src, link.dst)])
-    assert len(np.unique(cid)) == len(np.unique(cols1[0]))
+    pairs = np.unique(np.stack([cid, cols[0]]), axis=1).shape[1]
+    assert pairs == len(np.unique(cid)) == len(np.unique(cols[0]))  # the same partition
     assert np.all(ids[:, 0] >= 0) and np.all(np.diff(prob, axis=1) <= 0)
 
 

@@ -276,7 +276,16 @@ def test_precomputed_ltc_knn_is_reused(ray_local, tmp_path, capsys):
     )
     assert json.loads((tmp_path / "b" / "run.json").read_text())["knn_source"] == "computed"
     np.testing.assert_array_equal(_cluster_ids(tmp_path / "a"), _cluster_ids(tmp_path / "b"))
+    # an explicit --knn wins over the part's own file (here: moved away, so only --knn has it)
+    moved = tmp_path / "elsewhere.npz"
+    (root / "knns" / "part1_test" / "faiss_k_20.npz").rename(moved)
+    assert main(["cluster", *common, "--knn", str(moved), "--output", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["knn_source"] == "imported"
+    np.testing.assert_array_equal(_cluster_ids(tmp_path / "a"), _cluster_ids(tmp_path / "c"))
     capsys.readouterr()
+    assert main(["cluster", *common, "--knn", str(tmp_path / "missing.npz"),
+                 "--output", str(tmp_path / "d")]) == 2
+    assert "kNN file not found (--knn)" in capsys.readouterr().err
 
 
 def test_tune_writes_a_config_used_on_test(ray_local, synthetic_root, tmp_path, capsys):

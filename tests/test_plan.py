@@ -14,7 +14,14 @@ from conftest import PYTHON, REPO
 from ltc_ray.cli import main
 from ltc_ray.config import Config
 from ltc_ray.knn.search import RESCORE_CHUNK, TIE_MARGIN
-from ltc_ray.pipeline.plan import baselines, knn_actor_memory, load_rates, make_plan
+from ltc_ray.pipeline.plan import (
+    baselines,
+    edge_actor_memory,
+    knn_actor_memory,
+    link_actor_memory,
+    load_rates,
+    make_plan,
+)
 
 
 def _gb(text: str, label: str) -> float:
@@ -194,6 +201,39 @@ def test_benchmark_harness_smoke_suite(tmp_path):
         assert c["flag"] == (abs(c["measured_bytes"] / c["predicted_bytes"] - 1) > 0.25)
 
 
+@pytest.mark.parametrize("halo_bytes", [1 << 28, 1 << 40])
+def test_hard_clusters_plan_has_edge_and_link_actor_memory(halo_bytes):
+    """hard-clusters plans its own actors (documented formulas, computed here from
+    scratch), not GCN-V's inference actor. At part9 on 64 CPUs a partition's neighbours
+    span the corpus: with the default ``halo_bytes`` the halo is fetched in chunks and
+    the actors stay small; with an unbounded one they hold it all."""
+    n, d, k = 5_206_761, 256, 80
+    cfg = Config(method="hard-clusters")
+    cfg.methods.hard_clusters.halo_bytes = halo_bytes
+    plan = make_plan(n, d, cfg, {"CPU": 64}, hypothetical=True)
+    assert "inference_actor" not in plan["memory"]
+    n_part, halo = plan["partitions"]["rows_per_partition"], plan["partitions"]["halo_rows_max"]
+    assert halo == n - n_part
+    base = baselines(load_rates())["worker"]
+    chunked = halo_bytes == 1 << 28
+    chunk = max(256, halo_bytes // (k * d * 4))  # rows per fetch: their neighbours fit
+    feats = (n_part + 3 * chunk * k) * d * 4 if chunked else (2 * n_part + 3 * halo) * d * 4
+    edge = (base + n_part * k * 12 + feats + n_part * k * 28
+            + int(1.5 * (256 * k * (d + 8 * 128 + 2 * 512) * 4 + 256 * 4 * k * k * 8))
+            + 2 * n_part * 20 * 24)
+    rows = 3 * 512 * k * k * 8 if chunked else (n_part + 3 * halo) * k * 8
+    link = (base + n_part * k * 24 + rows + n * 8
+            + max(n_part * k * 16 + 512 * k * k * 100, n_part * k * 53))
+    assert plan["memory"]["edge_actor"]["total"] == edge
+    assert plan["memory"]["link_actor"]["total"] == link
+    assert edge_actor_memory(n_part, halo, d, k, base, halo_bytes=halo_bytes).total == edge
+    assert link_actor_memory(n_part, halo, n, k, base, halo_bytes=halo_bytes).total == link
+    if chunked:
+        assert edge < 2.5e9 and link < 1.5e9
+    else:
+        assert edge > 3 * halo * d * 4
+
+
 def test_hard_clusters_plan_uses_its_measured_stage_rates():
     rates = load_rates()
     plan = make_plan(5_206_761, 256, Config(method="hard-clusters"), {"CPU": 64},
@@ -206,20 +246,31 @@ def test_hard_clusters_plan_uses_its_measured_stage_rates():
 
 
 def test_benchmark_harness_case_subset_builds_its_graph_untimed(tmp_path):
-    """``--cases merge --graph-index ivf``: no kNN entry; the merge case runs on an IVF graph
-    built once, untimed (how cpu-scale's large sizes stay affordable on a few cores)."""
+    """``--cases merge,hard-clusters --graph-index ivf``: no kNN entry; the cases run on an
+    IVF graph built once, untimed (how cpu-scale's large sizes stay affordable on a few
+    cores). The hard-clusters case (edge and link actors vs the whole graph in one process)
+    reports its stage times and checks the edge- and link-actor memory model."""
     out = tmp_path / "subset.json"
     subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / "run.py"), "--suite", "smoke", "--cases", "merge",
-         "--graph-index", "ivf", "--json", str(out), "--work", str(tmp_path / "work")],
+        [PYTHON, str(REPO / "benchmarks" / "run.py"), "--suite", "smoke", "--cases",
+         "merge,hard-clusters", "--graph-index", "ivf", "--json", str(out), "--work",
+         str(tmp_path / "work")],
         check=True, timeout=300, capture_output=True,
     )
     result = json.loads(out.read_text())
-    assert [e["name"] for e in result["entries"]] == ["merge"]
+    assert [e["name"] for e in result["entries"]] == ["merge", "hard-clusters"]
     assert result["graph_index"] == "ivf"
     manifest = json.loads((tmp_path / "work" / "knn-0.002" / "manifest.json").read_text())
     assert manifest["index"] == "ivf"
-    assert result["entries"][0]["reference_detail"]["same_partition"] is True
+    merge, hc = result["entries"]
+    assert merge["reference_detail"]["same_partition"] is True
+    assert hc["reference_detail"]["same_partition"] is True  # partitioned = whole graph
+    detail = hc["ours_detail"]
+    assert set(detail["stages_s"]) == {"score", "link", "merge"}
+    assert detail["halo_rows"] > 0 and detail["link_halo_rows"] > 0
+    checks = {c["stage"]: c for c in result["memory_checks"]}
+    assert {"edge_actor", "link_actor"} <= set(checks)
+    assert checks["edge_actor"]["measured_bytes"] == detail["edge_actor_rss"]
     bad = subprocess.run(
         [PYTHON, str(REPO / "benchmarks" / "run.py"), "--suite", "smoke", "--cases", "gcn-v"],
         timeout=60, capture_output=True, text=True,

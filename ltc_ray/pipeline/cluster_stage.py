@@ -248,6 +248,9 @@ def link_merge_stage(
             forest_edges=sum(s["forest_edges"] for s in stats),
             merge_mode=merge_mode,
         )
+        if actors:  # rows fetched from other partitions' actors, in how many requests
+            rec.extra["halo_rows"] = sum(s["halo"] for s in stats)
+            rec.extra["halo_requests"] = sum(s["halo_requests"] for s in stats)
 
     with stage_log.stage("merge", rows=n) as rec:
         cluster_id, summary, rss = _merge.remote(n, len(edges), *edges, *scores)

@@ -165,16 +165,9 @@ class LinkActor:
         feats = self.x[local] if self.x is not None else None
         return feats, self.knn_ids[local], self.knn_sims[local]
 
-    def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
-             threshold: float, *score_parts):
-        """``(parent, edges, stats)`` of the owned nodes, as the link tasks return."""
-        from ltc_ray.cluster.components import spanning_forest
-        from ltc_ray.cluster.gcn_ve import LinkHaloPartition
-
-        delay_for_tests("link")
-        scores = np.concatenate(score_parts)
-        ids = self.knn_ids[self.knn_ids >= 0].astype(np.int64)
-        needed = np.unique(np.concatenate([ids, np.arange(self.start, self.stop)]))
+    def _fetch(self, needed: np.ndarray, actors: list, bounds: np.ndarray, index: int):
+        """Features (None without) and kNN rows of the sorted distinct nodes ``needed``:
+        own rows from this actor, the others' from their owners."""
         owner = np.searchsorted(bounds, needed, side="right") - 1
         feats = (np.empty((len(needed), self.x.shape[1]), dtype=np.float32)
                  if self.x is not None else None)
@@ -188,25 +181,64 @@ class LinkActor:
             rows_ids[pos], rows_sims[pos] = ri, rs
             if feats is not None:
                 feats[pos] = f
+        return feats, rows_ids, rows_sims
 
-        def lookup(query: np.ndarray) -> np.ndarray:
-            pos = np.searchsorted(needed, query)
-            if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)]
-                                               != query).any():
-                raise KeyError("a node outside the fetched neighbourhood was requested")
-            return pos
+    def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
+             threshold: float, *score_parts):
+        """``(parent, edges, stats)`` of the owned nodes, as the link tasks return.
 
-        part = LinkHaloPartition(
-            self.start, self.stop, self.knn_ids, self.knn_sims,
-            feats_of=(lambda q: feats[lookup(np.asarray(q, dtype=np.int64))])
-            if feats is not None else None,
-            rows_of=lambda q: (rows_ids[lookup(np.asarray(q, dtype=np.int64))],
-                               rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
-        )
+        The neighbourhood is fetched once, or, for a method that reads only rows (TPDi)
+        when those rows exceed the method's ``halo_bytes``, per request of its link step
+        (one block of anchors at a time: memory bounded whatever the corpus size)."""
+        from ltc_ray.cluster.components import spanning_forest
+        from ltc_ray.cluster.gcn_ve import LinkHaloPartition
+
+        delay_for_tests("link")
+        scores = np.concatenate(score_parts)
+        ids = self.knn_ids[self.knn_ids >= 0].astype(np.int64)
+        needed = np.unique(np.concatenate([ids, np.arange(self.start, self.stop)]))
+        del ids
+        halo = int(len(needed) - (self.stop - self.start))
+        budget = getattr(method.params, "halo_bytes", None)
+        row_bytes = self.knn_ids.shape[1] * (self.knn_ids.itemsize + 4)
+        lazy = self.x is None and budget is not None and halo * row_bytes > budget
+        if lazy:
+            needed = None
+            fetched = {"rows": 0, "requests": 0}
+
+            def rows_of(query):
+                q = np.asarray(query, dtype=np.int64)
+                uniq, inverse = np.unique(q, return_inverse=True)
+                _, ri, rs = self._fetch(uniq, actors, bounds, index)
+                fetched["requests"] += 1
+                fetched["rows"] += int(np.count_nonzero((uniq < self.start)
+                                                        | (uniq >= self.stop)))
+                return ri[inverse], rs[inverse]
+
+            part = LinkHaloPartition(self.start, self.stop, self.knn_ids, self.knn_sims,
+                                     feats_of=None, rows_of=rows_of)
+        else:
+            feats, rows_ids, rows_sims = self._fetch(needed, actors, bounds, index)
+
+            def lookup(query: np.ndarray) -> np.ndarray:
+                pos = np.searchsorted(needed, query)
+                if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)]
+                                                   != query).any():
+                    raise KeyError("a node outside the fetched neighbourhood was requested")
+                return pos
+
+            part = LinkHaloPartition(
+                self.start, self.stop, self.knn_ids, self.knn_sims,
+                feats_of=(lambda q: feats[lookup(np.asarray(q, dtype=np.int64))])
+                if feats is not None else None,
+                rows_of=lambda q: (rows_ids[lookup(np.asarray(q, dtype=np.int64))],
+                                   rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
+            )
         result = method.link_halo(part, scores, threshold)
         edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
         stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
-                 "halo": int(len(needed) - (self.stop - self.start)),
+                 "halo": fetched["rows"] if lazy else halo,
+                 "halo_requests": fetched["requests"] if lazy else 1,
                  "peak_rss": peak_rss_bytes()}
         return result.parent, edges, stats
 

@@ -33,6 +33,10 @@ GCN_HIDDEN = 512  # GCN-V's hidden width in the paper setting (models.gcn_v.GCNV
 # the cpu-scale suite's measured peaks at 117K-234K rows (110 B were alive in an isolated
 # call, but the peak is one phase, not every temporary at once; 110 over-predicted by 41 %)
 ADJ_BYTES_PER_EDGE = 30
+# the edge scorer's peak over its batches / the bytes of one batch's tensors: measured
+# 340 MiB above the pre-scoring RSS over 78 batches of 256 anchors (k=80, D=256, d=128,
+# FFN 512) against 230 MiB of tensors; torch's freed blocks are not all returned at once
+SCORER_SLACK = 1.5
 
 
 def load_rates(path: str | os.PathLike | None = None) -> dict:
@@ -142,6 +146,84 @@ def inference_actor_memory(
     )
 
 
+def edge_actor_memory(
+    n_part: int,
+    halo: int,
+    dim: int,
+    k: int,
+    base: int,
+    scorer: tuple[int, int, int] = (128, 4, 512),
+    batch: int = 256,
+    density_k: int = 20,
+    halo_bytes: int = 1 << 28,
+) -> Estimate:
+    """RSS of one hard-clusters edge actor (``pipeline/rescore.py``) owning ``n_part`` rows
+    whose neighbours include ``halo`` rows owned elsewhere. The phases' terms are summed
+    (an upper bound: not all are alive at once, which covers allocator slack).
+
+    - kNN rows: int32 as read, int64 for the scorer, n·k·12;
+    - features: own rows n·D·4, the gathered rows (own + halo) (n+h)·D·4, and the halo
+      twice more: as fetched (object-store pages) and as served to the other actors, whose
+      halos are this actor's rows (on average as many as it fetches), 2·h·D·4. When the
+      halo exceeds ``halo_bytes`` it is fetched per chunk of c rows
+      (:func:`~ltc_ray.cluster.hard_clusters.halo_chunk_rows`): n·D·4 + 3·c·k·D·4;
+    - probabilities n·k·4 and the re-sort (argsort order, ids, keys) n·k·24;
+    - one scorer batch: batch·k tokens of (D + 8·d_model + 2·FFN) floats, and the
+      attention scores batch·heads·k²·8 (``scorer`` = (d_model, heads, FFN), the
+      ``ScorerShape`` defaults), times :data:`SCORER_SLACK` (measured);
+    - the NDDE transition edges, its own and those pulled into its range: 2·n·m·24.
+    """
+    from ltc_ray.cluster.hard_clusters import halo_chunk_rows
+
+    d_model, heads, ffn = scorer
+    tokens = batch * k
+    chunk = halo_chunk_rows(n_part, halo, k, dim, halo_bytes, batch)
+    if chunk >= n_part:
+        feats = (2 * n_part + 3 * halo) * dim * 4
+    else:
+        feats = (n_part + 3 * min(chunk * k, n_part + halo)) * dim * 4
+    return Estimate(
+        base,
+        {
+            "kNN rows (int32 + int64)": n_part * k * 12,
+            "features (own, gathered, halo fetched + served)": feats,
+            "probabilities + re-sort": n_part * k * 28,
+            "scorer batch": int(SCORER_SLACK * (tokens * (dim + 8 * d_model + 2 * ffn) * 4
+                                                + batch * heads * k * k * 8)),
+            "NDDE transition edges": 2 * n_part * density_k * 24,
+        },
+    )
+
+
+def link_actor_memory(n_part: int, halo: int, n: int, k: int, base: int,
+                      block: int = 512, halo_bytes: int | None = 1 << 28) -> Estimate:
+    """RSS of one TPDi link actor (``LinkActor`` without features) owning ``n_part``
+    re-scored rows whose neighbours include ``halo`` rows owned elsewhere.
+
+    - rows: its own re-scored rows (int32 ids + float32 p) n·k·8, the int64 neighbour ids
+      and their unique sort n·k·16, and the rows of own + halo nodes (n+h)·k·8, the halo
+      twice more (fetched, and served to the other actors) 2·h·k·8. When the halo's rows
+      exceed ``halo_bytes`` they are fetched per TPDi block instead: 3·min(block·k, n+h)·k·8;
+    - the densities of all N rows (fetched + concatenated) N·8;
+    - TPDi, then linking (the larger phase): Q and the (n, k) float64 distances n·k·16 plus
+      a block of ``block`` anchors' k × k lookups at ≈ 100 B per entry, or the linking's
+      sorted copies and masks, ≈ 53 B per (row, neighbour).
+    """
+    if halo_bytes is not None and halo * k * 8 > halo_bytes:
+        rows = 3 * min(block * k, n_part + halo) * k * 8
+    else:
+        rows = (n_part + 3 * halo) * k * 8
+    return Estimate(
+        base,
+        {
+            "re-scored rows (own, ids, unique)": n_part * k * 24,
+            "rows of own + halo nodes, halo fetched + served": rows,
+            "densities of all rows": n * 8,
+            "TPDi / linking": max(n_part * k * 16 + block * k * k * 100, n_part * k * 53),
+        },
+    )
+
+
 def merge_memory(n: int, edges: int, base: int) -> Estimate:
     """RSS of the merge task over ``edges`` forest edges (≤ N) for N nodes.
 
@@ -243,7 +325,22 @@ def make_plan(
         "knn_actor": knn_actor_memory(
             n_shard, dim, k, knn.block_rows, base["worker"], knn.index, on_gpu, n
         ),
-        "inference_actor": inference_actor_memory(n_part, halo, dim, k, base["worker"]),
+        **(
+            {
+                "edge_actor": edge_actor_memory(
+                    n_part, halo, dim, k, base["worker"],
+                    batch=cfg.methods.hard_clusters.batch_size,
+                    density_k=cfg.methods.hard_clusters.density_k,
+                    halo_bytes=cfg.methods.hard_clusters.halo_bytes,
+                ),
+                "link_actor": link_actor_memory(
+                    n_part, halo, n, k, base["worker"],
+                    halo_bytes=cfg.methods.hard_clusters.halo_bytes,
+                ),
+            }
+            if cfg.method == "hard-clusters"
+            else {"inference_actor": inference_actor_memory(n_part, halo, dim, k, base["worker"])}
+        ),
         "merge": merge_memory(n, n, base["worker"]),
     }
     gpu_mem = knn_gpu_memory(n_shard, dim, k, knn.block_rows, knn.index) if on_gpu else None
@@ -290,7 +387,11 @@ def make_plan(
         "memory_bytes_per_sample": {
             "driver": mem["driver"].total / n,
             "knn_actor": mem["knn_actor"].total / n_shard,
-            "inference_actor": mem["inference_actor"].total / n_part,
+            **{
+                name: mem[name].total / n_part
+                for name in ("inference_actor", "edge_actor", "link_actor")
+                if name in mem
+            },
             "merge": mem["merge"].total / n,
         },
         "expected_seconds": times,
@@ -350,8 +451,10 @@ def format_plan(plan: dict) -> str:
 
 __all__ = [
     "Estimate",
+    "edge_actor_memory",
     "format_plan",
     "inference_actor_memory",
+    "link_actor_memory",
     "knn_actor_memory",
     "load_rates",
     "make_plan",

@@ -11,7 +11,9 @@ result is bit-identical for any partitioning. The iterative NDDE repeats a pull 
 sources' current density per round, in two phases (compute, then advance) so no actor
 reads a half-updated neighbour; the stop test sums exact fixed-point integers.
 
-Peak memory per actor: its rows and features, the halo's features, and its share of the
+Peak memory per actor: its rows and features, the halo's features (all at once, or per
+chunk of rows when they exceed ``methods.hard-clusters.halo_bytes``: at scale, with rows in
+random order, a partition's halo is nearly the whole corpus), and its share of the
 transition edges (m per row, m = 20 by default).
 """
 
@@ -22,7 +24,7 @@ import logging
 import numpy as np
 import ray
 
-from ltc_ray.cluster.hard_clusters import L1_UNITS, IncomingEdges, l1_units
+from ltc_ray.cluster.hard_clusters import L1_UNITS, IncomingEdges, halo_chunk_rows, l1_units
 from ltc_ray.graph.knn_graph import KnnManifest, block_file, read_knn_rows, save_manifest
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.io.fs import join_uri
@@ -57,24 +59,42 @@ class EdgeActor:
         """Features of owned nodes ``ids`` (the halo requests of other actors)."""
         return self.x[np.asarray(ids, dtype=np.int64) - self.start]
 
+    def _halo_of(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """The distinct neighbours of kNN rows ``ids`` and how many are owned elsewhere."""
+        needed = np.unique(ids[ids >= 0])
+        return needed, int(np.count_nonzero((needed < self.start) | (needed >= self.stop)))
+
     def rescore(self, method, actors: list, bounds: np.ndarray, index: int,
                 out_dir: str) -> dict:
-        """Re-score and re-sort the owned rows; write them as block ``index``."""
+        """Re-score and re-sort the owned rows; write them as block ``index``. The halo's
+        features are fetched once, or per chunk of rows when they exceed
+        ``halo_bytes`` (rows are scored independently, so the result is the same)."""
         delay_for_tests("score")
         ids = self.knn_ids.astype(np.int64)
-        needed = np.unique(ids[ids >= 0])
-        feats = gather_rows(self.x, self.start, needed, actors, bounds, index)
-        halo = int(np.count_nonzero((needed < self.start) | (needed >= self.stop)))
+        needed, halo = self._halo_of(ids)
+        n, k = ids.shape
+        chunk = halo_chunk_rows(n, halo, k, self.x.shape[1], method.params.halo_bytes,
+                                method.params.batch_size)
+        new_ids = np.empty_like(ids)
+        prob = np.empty(ids.shape, dtype=np.float32)
+        fetched = 0
+        for lo in range(0, n, chunk):
+            rows = ids[lo: lo + chunk]
+            if chunk < n:
+                needed, halo = self._halo_of(rows)
+            feats = gather_rows(self.x, self.start, needed, actors, bounds, index)
+            fetched += halo
 
-        def feats_of(query: np.ndarray) -> np.ndarray:
-            return feats[np.searchsorted(needed, query)]
+            def feats_of(query: np.ndarray, feats=feats, needed=needed) -> np.ndarray:
+                return feats[np.searchsorted(needed, query)]
 
-        new_ids, prob = method.rescore(ids, feats_of)
+            new_ids[lo: lo + chunk], prob[lo: lo + chunk] = method.rescore(rows, feats_of)
+            del feats, feats_of  # before the next chunk's fetch
         save_knn_block(join_uri(out_dir, block_file(index)),
                        new_ids.astype(id_dtype_for(self.n_total)), prob, self.start, self.so)
         node_ids = np.arange(self.start, self.stop, dtype=np.int64)
         self.edges = method.transition_edges(node_ids, new_ids, prob)
-        return {"rows": int(len(ids)), "halo": halo,
+        return {"rows": int(n), "halo": fetched, "halo_chunks": -(-n // chunk),
                 "peak_rss": peak_rss_bytes()}
 
     def edges_into(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,5 +182,6 @@ def rescore_and_density(method, info: FeatureInfo, manifest: KnnManifest,
                         details={"method": method.name, "from": manifest.directory})
     save_manifest(graph, info.storage_options)
     return parts, graph, {"halo_rows": sum(s["halo"] for s in stats),
+                          "halo_chunks": [s["halo_chunks"] for s in stats],
                           "actor_peak_rss_bytes": rss, "density_iterations": iterations}
 
