@@ -185,6 +185,12 @@ def _knn_ref(p: dict) -> dict:
     return out
 
 
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two labelings of the same nodes name the same clusters (a bijection of ids)."""
+    pairs = np.unique(np.stack([a, b]), axis=1).shape[1]
+    return bool(pairs == len(np.unique(a)) == len(np.unique(b)))
+
+
 def _link_edges(ids: np.ndarray, sims: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
     src = np.repeat(np.arange(start, start + len(ids), dtype=np.int64), ids.shape[1])
     dst = ids.reshape(-1).astype(np.int64)
@@ -234,10 +240,8 @@ def _merge_ref(p: dict) -> dict:
     n_comp, labels = connected_components(graph, directed=True, connection="weak")
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "clusters": int(n_comp)}
-    if os.path.exists(p["out"] + ".npy"):  # same partition as ours: a bijection
-        ours = np.load(p["out"] + ".npy")
-        pairs = np.unique(np.stack([ours, labels]), axis=1).shape[1]
-        out["same_partition"] = bool(pairs == n_comp == len(np.unique(ours)))
+    if os.path.exists(p["out"] + ".npy"):  # ours, from the run just before
+        out["same_partition"] = _same_partition(np.load(p["out"] + ".npy"), labels)
     return out
 
 
@@ -419,10 +423,8 @@ def _hc_ref(p: dict) -> dict:
     cluster_id, sizes, _ = merge_edges(len(ids), [(link.src, link.dst)])
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "clusters": len(sizes)}
-    if os.path.exists(p["out"] + ".npy"):  # ours, from the run just before: same partition
-        ours = np.load(p["out"] + ".npy")
-        pairs = np.unique(np.stack([ours, cluster_id]), axis=1).shape[1]
-        out["same_partition"] = bool(pairs == len(sizes) == len(np.unique(ours)))
+    if os.path.exists(p["out"] + ".npy"):  # ours, from the run just before
+        out["same_partition"] = _same_partition(np.load(p["out"] + ".npy"), cluster_id)
     return out
 
 

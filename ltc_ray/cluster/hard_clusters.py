@@ -38,12 +38,18 @@ L1_UNITS = float(2**52)
 TPDI_BLOCK = 512  # anchors per TPDi block: a block gathers (B, k, k) neighbour rows
 
 
+def halo_fits(halo_rows: int, row_bytes: int, halo_bytes: int | None) -> bool:
+    """Whether an actor fetches its whole halo at once (``halo_bytes`` None: always);
+    otherwise it fetches per chunk of rows (edge actors) or per TPDi block (link actors)."""
+    return halo_bytes is None or halo_rows * row_bytes <= halo_bytes
+
+
 def halo_chunk_rows(n_rows: int, halo_rows: int, k: int, dim: int, halo_bytes: int,
                     batch: int = 256) -> int:
     """Rows an edge actor scores per halo fetch: all of them when its halo's features fit
     in ``halo_bytes``, else chunks whose neighbours (at most rows·k) fit, so its memory is
     bounded whatever the corpus size and row order (results do not depend on it)."""
-    if halo_rows * dim * 4 <= halo_bytes:
+    if halo_fits(halo_rows, dim * 4, halo_bytes):
         return max(n_rows, 1)
     return max(batch, halo_bytes // (k * dim * 4))
 

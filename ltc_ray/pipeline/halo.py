@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from ltc_ray.cluster.hard_clusters import halo_fits
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
@@ -199,9 +200,9 @@ class LinkActor:
         needed = np.unique(np.concatenate([ids, np.arange(self.start, self.stop)]))
         del ids
         halo = int(len(needed) - (self.stop - self.start))
-        budget = getattr(method.params, "halo_bytes", None)
-        row_bytes = self.knn_ids.shape[1] * (self.knn_ids.itemsize + 4)
-        lazy = self.x is None and budget is not None and halo * row_bytes > budget
+        row_bytes = self.knn_ids.shape[1] * (self.knn_ids.itemsize + 4)  # ids + p
+        lazy = self.x is None and not halo_fits(
+            halo, row_bytes, getattr(method.params, "halo_bytes", None))
         if lazy:
             needed = None
             fetched = {"rows": 0, "requests": 0}

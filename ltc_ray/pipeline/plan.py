@@ -209,10 +209,12 @@ def link_actor_memory(n_part: int, halo: int, n: int, k: int, base: int,
       a block of ``block`` anchors' k × k lookups at ≈ 100 B per entry, or the linking's
       sorted copies and masks, ≈ 53 B per (row, neighbour).
     """
-    if halo_bytes is not None and halo * k * 8 > halo_bytes:
-        rows = 3 * min(block * k, n_part + halo) * k * 8
-    else:
+    from ltc_ray.cluster.hard_clusters import halo_fits
+
+    if halo_fits(halo, k * 8, halo_bytes):
         rows = (n_part + 3 * halo) * k * 8
+    else:
+        rows = 3 * min(block * k, n_part + halo) * k * 8
     return Estimate(
         base,
         {
