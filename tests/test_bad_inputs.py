@@ -1,7 +1,10 @@
 """The bad-input matrix (docs/bad-inputs.md): every case runs a real job as a subprocess
 and must exit 2 with ONE stderr line naming the file or flag and the problem, before Ray
-starts (the single line proves it: a started job logs more), without a traceback and
-without writing anything at the output location."""
+starts (the single line proves it: a started job logs more), without a traceback,
+without writing anything at the output location and without touching any other file.
+
+The cases of this module are the first ones; each ``tests/_bad_<area>.py`` module adds
+its own (``CASES``) with the files they need (``make_data``), see :data:`AREAS`."""
 
 from __future__ import annotations
 
@@ -13,43 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _bad_files
+import _bad_outputs
+import _bad_params
+import _bad_readers
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _bad_common import D, K, N, S3_NO_CREDENTIALS, S3_UNREACHABLE, TRAIN, Case, _cluster
 from _data import blobs, write_bin
 from conftest import PYTHON, REPO
 
 DOC = REPO / "docs" / "bad-inputs.md"
-N, D, K = 200, 16, 10  # the good feature set: 200 x 16 float32, clustered with knn.k=10
-
-
-@dataclass(frozen=True)
-class Case:
-    """One bad input. ``{d}`` in args/where is the data directory, ``{out}`` the case's
-    output location (``--output {out}`` is appended to cluster jobs unless the args name
-    an output themselves)."""
-
-    id: str
-    args: tuple[str, ...]
-    message: str  # fragment of the one stderr line
-    where: str  # the file or flag the line must name
-    job: str = "cluster"
-    env: dict = field(default_factory=dict)
-
-
-def _cluster(*args: str, features: str = "{d}/good.bin", k: int = K) -> tuple[str, ...]:
-    """A cluster job over ``features`` (16-d .bin) with knn.k = ``k``, plus ``args``."""
-    return ("--features", features, "--dim", str(D), "--set", f"knn.k={k}", *args)
-
-
 # The matrix reads best one case per entry.
 # fmt: off
-S3_UNREACHABLE = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-S3_NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
-                     "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
-TRAIN = ("--method", "gcn-v", "--features", "{d}/good.bin", "--labels", "{d}/good.meta",
-         "--dim", str(D))
 
 CASES = [
     # --- features: .bin
@@ -224,6 +205,8 @@ CASES = [
          "no complete kNN graph here", "{d}/no-work", job="export_knn"),
 ]
 # fmt: on
+AREAS = (_bad_params, _bad_files, _bad_readers, _bad_outputs)
+CASES += [case for area in AREAS for case in area.CASES]
 
 
 class _Evil:
@@ -311,7 +294,13 @@ def data(tmp_path_factory) -> Path:
     (d / "no-data").mkdir()
     (d / "unfinished" / "clusters").mkdir(parents=True)
     (d / "no-work").mkdir()
+    for area in AREAS:
+        area.make_data(d)
+    _DATA_BEFORE["snapshot"] = _snapshot(d)
     return d
+
+
+_DATA_BEFORE: dict = {}  # the data directory as the cases found it
 
 
 def _models(d: Path) -> None:
@@ -392,8 +381,8 @@ def _run(case: Case, data: Path, tmp: Path) -> Run:
     output = None if "://" in target else Path(target)
     before = _snapshot(output) if output else None
     proc = subprocess.run(
-        [PYTHON, f"jobs/{case.job}.py", *args],
-        cwd=REPO,
+        [PYTHON, str(REPO / "jobs" / f"{case.job}.py"), *args],
+        cwd=case.cwd.format(**fill) if case.cwd else REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -437,6 +426,12 @@ def test_bad_input_exits_2_with_one_line_before_work(case: Case, runs: dict[str,
     assert not list(data.glob("pwned-*"))  # no pickle ever ran
 
 
+def test_no_case_touched_any_file(runs: dict[str, Run], data: Path):
+    """Besides each case's own output check: not one file of the shared data directory
+    (inputs, other outputs, unrelated files) was created, changed or removed."""
+    assert _snapshot(data) == _DATA_BEFORE["snapshot"]
+
+
 def _doc_rows() -> list[list[str]]:
     rows = []
     for line in DOC.read_text().splitlines():
@@ -450,7 +445,7 @@ def test_doc_table_lists_exactly_the_tested_cases():
     rows = _doc_rows()
     doc_ids = [r[0].strip("`") for r in rows]
     assert len(doc_ids) == len(set(doc_ids)), "duplicated rows in docs/bad-inputs.md"
-    assert len(CASES) == len({c.id for c in CASES}) >= 30
+    assert len(CASES) == len({c.id for c in CASES}) >= 150
     assert set(doc_ids) == {c.id for c in CASES}
     messages = {c.id: c.message.replace("{d}/", "") for c in CASES}
     for row in rows:

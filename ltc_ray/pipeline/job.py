@@ -438,8 +438,9 @@ def inputs_and_graph(spec: JobSpec):
     info = preflight_inputs(spec)
     resources = init_ray(spec.num_cpus)
     stages = StageLog()
-    validate_inputs(spec, info, resources, stages)
-    return info, resources, stages, knn_stage(spec, info, resources, stages)
+    store = StageStore(spec.resolved_work_dir, spec.storage_options)
+    validate_inputs(spec, info, resources, stages, store)
+    return info, resources, stages, knn_stage(spec, info, resources, stages, store)
 
 
 def _versions() -> dict[str, str]:

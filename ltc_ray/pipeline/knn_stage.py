@@ -19,7 +19,6 @@ from ltc_ray.errors import InputError
 from ltc_ray.graph.knn_graph import (
     MANIFEST,
     KnnManifest,
-    load_manifest,
     read_knn_rows,
     save_manifest,
 )
@@ -42,7 +41,7 @@ from ltc_ray.knn.search import (
     search_block,
 )
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
-from ltc_ray.pipeline.stages import delay_for_tests
+from ltc_ray.pipeline.stages import delay_for_tests, uri_version
 
 log = logging.getLogger("ltc_ray")
 
@@ -227,17 +226,13 @@ def build_knn_graph(
 ) -> tuple[KnnManifest, dict]:
     """Compute the exact (or IVF) kNN graph of ``info`` into ``work_dir``.
 
-    Returns the manifest and run statistics (layout, backend, peak RSS, recall).
-    A complete graph with the same fingerprint already in ``work_dir`` is reused.
+    Returns the manifest and run statistics (layout, backend, peak RSS, recall). Always
+    computes: whether an earlier graph may be reused is the stage store's decision
+    (``ltc_ray.pipeline.stages``), which also checks every block file.
     """
     so = info.storage_options
     fingerprint = _fingerprint(info, cfg, seed)
-    existing = load_manifest(work_dir, so)
-    if existing is not None and existing.details.get("fingerprint") == fingerprint:
-        log.info("kNN: reusing the complete graph in %s", work_dir)
-        return existing, {"reused": True, "recall": existing.recall}
-    if existing is not None:  # an old graph: never let its manifest vouch for new blocks
-        _drop_manifest(work_dir, so)
+    _drop_manifest(work_dir, so)  # never let an old manifest vouch for new blocks
 
     gpu_free = measure_gpu_free_bytes(resources) if cfg.gpu == "auto" else None
     layout = plan_knn_layout(info.n_rows, info.dim, cfg, resources, gpu_free)
@@ -377,13 +372,8 @@ def import_ltc_knn(
             uri, f"kNN file has k={k_file} neighbours, config asks for knn.k={cfg.k} "
             f"(set knn.k={k_file} or knn.reuse=false)",
         )
-    fingerprint = {"imported": uri, "n_rows": n, "k": cfg.k}
-    existing = load_manifest(work_dir, so)
-    if existing is not None and existing.details.get("fingerprint") == fingerprint:
-        log.info("kNN: reusing the imported graph in %s", work_dir)
-        return existing, {"reused": True, "imported_from": uri}
-    if existing is not None:
-        _drop_manifest(work_dir, so)
+    fingerprint = {"imported": uri, "version": uri_version(uri, so), "n_rows": n, "k": cfg.k}
+    _drop_manifest(work_dir, so)  # reuse is the stage store's decision, as for a build
     log.info("kNN: importing precomputed %s (k=%d, using %d)", uri, k_file, cfg.k)
     result = ray_get(_import_ltc.remote(uri, n, cfg.k, work_dir, cfg.block_rows, so))
     manifest = KnnManifest(directory=work_dir, n_rows=n, k=cfg.k, block_rows=cfg.block_rows,
