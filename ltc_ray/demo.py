@@ -33,7 +33,8 @@ def demo_main(argv: Sequence[str]) -> int:
     from ltc_ray.synthetic import make_benchmark
 
     args = demo_parser().parse_args(argv)
-    make_benchmark(args.data_root, parts=(0, 1), scale=args.scale, seed=args.seed)
+    make_benchmark(args.data_root, parts=(0, 1), scale=args.scale, seed=args.seed,
+                   overwrite=True)  # replaces only an earlier demo's own files
     init_ray(args.num_cpus)  # one local Ray for every step below
     common = ["--data-root", args.data_root]
     train_work = f"{args.runs}/part0_train.work"  # one kNN graph of part0 for all of training

@@ -474,3 +474,36 @@ def test_commit_on_s3_replaces_an_older_result_file_by_file(s3):
     ]
     assert read_clusters(out, so).num_rows == 10
     assert not s3.fs.find(f"{BUCKET}/commit/work/staging")
+
+
+def test_output_lock_is_exclusive_on_s3(s3):
+    """The lease is a conditional put (If-None-Match): of two jobs taking one output's lock
+    on object storage, the second is refused naming the first; after a release it is free,
+    and a lease whose heartbeat stopped is taken over."""
+    import json as json_
+
+    from ltc_ray.errors import InputError
+    from ltc_ray.io.lock import OutputLock
+
+    so = _options(s3.endpoint)
+    out = f"s3://{BUCKET}/locks/out"
+    first = OutputLock(out, "run-a", so)
+    first.acquire()
+    try:
+        with pytest.raises(InputError, match="another job is writing to this output .run run-a"):
+            OutputLock(out, "run-b", so).acquire()
+        assert first.holds()
+    finally:
+        first.release()
+    s3.fs.invalidate_cache()
+    assert not s3.fs.exists(f"{BUCKET}/locks/out/_LOCK")
+    second = OutputLock(out, "run-b", so)
+    second.acquire()
+    second.release()
+    # a lease from another host that stopped beating long ago
+    s3.fs.pipe_file(f"{BUCKET}/locks/out/_LOCK", json_.dumps(
+        {"run_id": "dead", "host": "elsewhere", "pid": 1, "heartbeat": 0}).encode())
+    third = OutputLock(out, "run-c", so)
+    third.acquire()
+    assert third.holds()
+    third.release()

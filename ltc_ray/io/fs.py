@@ -7,6 +7,7 @@ and optional ``storage_options`` passed to the fsspec filesystem (credentials, e
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -111,6 +112,7 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 is not the user's choice
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -118,6 +120,15 @@ def write_bytes_atomic(uri: str, data: bytes, storage_options: dict | None = Non
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@functools.cache
+def current_umask() -> int:
+    """The process's umask, read once (reading it means setting it, which is not
+    thread-safe, so it is done a single time and put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

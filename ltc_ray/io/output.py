@@ -8,9 +8,13 @@ that finds it can trust the rest.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import posixpath
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,11 +26,14 @@ from ltc_ray.io.fs import is_local_fs, join_uri, open_uri, url_to_fs, write_byte
 from ltc_ray.redact import redact
 
 SUCCESS = "_SUCCESS"
+COMMITTING = "_COMMITTING"  # a commit in progress: lists the old result's and the new files
+LOCK = "_LOCK"  # the running job's lease on the location (ltc_ray.io.lock)
 CLUSTERS_DIR = "clusters"
 SUMMARY = "cluster_summary.parquet"
 METRICS = "metrics.json"
 RUN = "run.json"
-OUTPUT_NAMES = {CLUSTERS_DIR, SUMMARY, METRICS, RUN, SUCCESS}
+OUTPUT_NAMES = {CLUSTERS_DIR, SUMMARY, METRICS, RUN, SUCCESS, COMMITTING, LOCK}
+MANIFEST_FORMAT = "ltc-ray-output/1"  # _SUCCESS lists every file of the result
 
 
 def part_file(index: int) -> str:
@@ -77,8 +84,10 @@ def write_summary(
 
 
 def write_json(uri: str, obj: Any, storage_options: dict | None = None) -> None:
-    """``obj`` as indented JSON; any known credential in it is masked (see ltc_ray.redact)."""
-    text = redact(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    """``obj`` as indented JSON; any known credential in it is masked (see ltc_ray.redact).
+    NaN and infinities are refused: they are not JSON, and no reader could parse them."""
+    text = redact(json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+                             allow_nan=False))
     write_bytes_atomic(uri, text.encode() + b"\n", storage_options)
 
 
@@ -88,24 +97,110 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def check_output_location(uri: str, overwrite: bool, storage_options: dict | None = None) -> None:
-    """Refuse, before any work, an output that is a file, a completed result (without
-    ``overwrite``) or a non-empty directory holding something other than our outputs."""
+@dataclass
+class OutputState:
+    """What is at an output location before a run commits there."""
+
+    exists: bool = False
+    completed: bool = False  # holds a readable ltc-ray ``_SUCCESS`` manifest
+    owned: list[str] = field(default_factory=list)  # files an earlier ltc-ray result wrote
+
+
+def _manifest_paths(fs, path: str, name: str, uri: str) -> set[str] | None:
+    """The relative paths a ``_SUCCESS`` or ``_COMMITTING`` manifest lists (None: absent).
+
+    A manifest that does not parse proves nothing about who wrote the files: refused."""
+    if not fs.exists(f"{path}/{name}"):
+        return None
+    try:
+        if fs.isdir(f"{path}/{name}"):
+            raise ValueError("a directory")
+        manifest = json.loads(fs.cat_file(f"{path}/{name}"))
+        files = manifest["files"]
+        listed = {str(entry["path"]) for entry in files}
+        for entry in (manifest.get("old") or []):
+            listed.add(str(entry))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InputError(
+            uri, f"holds a {name} that is not an ltc-ray manifest; refusing to replace or "
+            "remove anything there: choose a new path",
+        ) from None
+    if name == SUCCESS and manifest.get("format") != MANIFEST_FORMAT:
+        listed |= {RUN, METRICS}  # results committed before the manifest listed every file
+    return listed
+
+
+def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState:
+    """What an output location holds, refusing one that anything but ltc-ray wrote to.
+
+    Only files listed by an earlier result's ``_SUCCESS`` (or by the ``_COMMITTING`` note
+    of a commit that was interrupted) count as ltc-ray's; a location holding anything
+    else is refused whatever the flags, so a job can never delete a user's files."""
     fs, path = url_to_fs(uri, storage_options)
+    path = path.rstrip("/")
     if fs.isfile(path):
         raise InputError(uri, "output path is a file; expected a directory (or a new path)")
     if not fs.isdir(path):
-        return
-    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-    if SUCCESS in names and not overwrite:
-        raise InputError(uri, "already holds a completed result (_SUCCESS); pass --overwrite")
-    foreign = sorted(names - OUTPUT_NAMES)
-    if foreign and not overwrite:
+        return OutputState()
+    top = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    foreign = sorted(top - OUTPUT_NAMES)
+    files = set()
+    if not foreign:  # only then look inside clusters/ (never walk a user's tree)
+        found = fs.find(path)
+        files = {f[len(path) + 1:] for f in found if f.startswith(path + "/")} - {LOCK}
+    success = _manifest_paths(fs, path, SUCCESS, uri) if not foreign else None
+    pending = _manifest_paths(fs, path, COMMITTING, uri) if not foreign else None
+    owned = (success or set()) | (pending or set()) | {SUCCESS, COMMITTING}
+    foreign = foreign or sorted(files - owned)
+    if foreign:
         raise InputError(
-            uri,
-            f"output directory is not empty and holds no ltc-ray result (e.g. '{foreign[0]}'); "
-            "choose a new path or pass --overwrite",
+            uri, f"output directory holds files ltc-ray did not write (e.g. "
+            f"'{shorten(foreign[0])}'); refusing to touch it whatever the flags: choose a new "
+            "(or empty) output path",
         )
+    return OutputState(exists=True, completed=success is not None, owned=sorted(files))
+
+
+def check_output_location(uri: str, overwrite: bool,
+                          storage_options: dict | None = None) -> OutputState:
+    """Refuse, before any work, an output that is a file, holds files ltc-ray did not
+    write (whatever the flags), or holds a completed result (without ``overwrite``)."""
+    state = inspect_output(uri, storage_options)
+    if state.completed and not overwrite:
+        raise InputError(uri, "already holds a completed result (_SUCCESS); pass --overwrite "
+                         "to replace it")
+    return state
+
+
+def _norm(uri: str, storage_options: dict | None) -> tuple[str, str]:
+    """(protocol, absolute normalised path) of ``uri``; local paths resolve symlinks."""
+    fs, path = url_to_fs(uri, storage_options)
+    if is_local_fs(fs):
+        return "file", os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, "/" + posixpath.normpath(path.strip("/"))
+
+
+def overlaps(a: str, b: str, storage_options: dict | None = None) -> bool:
+    """Whether one location is, contains or lies inside the other."""
+    (pa_, a_path), (pb_, b_path) = _norm(a, storage_options), _norm(b, storage_options)
+    if pa_ != pb_:
+        return False
+    a_path, b_path = a_path.rstrip("/") or "/", b_path.rstrip("/") or "/"
+    inside = (lambda x, y: x == y or x.startswith(y.rstrip("/") + "/"))  # noqa: E731
+    return inside(a_path, b_path) or inside(b_path, a_path)
+
+
+def check_output_disjoint(output: str, others: dict[str, str | None],
+                          storage_options: dict | None = None, flag: str = "--output") -> None:
+    """Refuse an output location that is, contains or lies inside an input or the work
+    directory: committing there would replace or delete what the job reads."""
+    for role, uri in others.items():
+        if uri and overlaps(output, uri, storage_options):
+            raise InputError(
+                output, f"output location overlaps the {role} ({shorten(uri)}); choose an "
+                f"output outside every input and the work directory ({flag})",
+            )
 
 
 def commit(
@@ -117,63 +212,264 @@ def commit(
 ) -> None:
     """Move staged outputs to ``output`` and write ``_SUCCESS`` last.
 
-    An older result at ``output`` loses its ``_SUCCESS`` first, so at no moment
-    does a ``_SUCCESS`` vouch for a mix of old and new files.
+    Call it holding the output's lock (:mod:`ltc_ray.io.lock`). The location is inspected
+    again first (files that appeared during the run stop the commit, untouched). Then
+    ``_COMMITTING`` lists the old result's files and the new ones, so a commit killed
+    midway leaves a location the next run recognises as its own; the old result loses its
+    ``_SUCCESS`` first and only its listed files are removed, so at no moment does a
+    ``_SUCCESS`` vouch for a mix of old and new files, and nothing else is ever deleted.
     """
     fs, out_path = url_to_fs(output, storage_options)
     _, staging_path = url_to_fs(staging, storage_options)
     out_path, staging_path = out_path.rstrip("/"), staging_path.rstrip("/")
     fs.invalidate_cache()  # workers wrote the staging files; the driver's listings are stale
-    if fs.isdir(out_path):
-        if fs.exists(f"{out_path}/{SUCCESS}"):
-            fs.rm(f"{out_path}/{SUCCESS}")
-        for entry in fs.ls(out_path, detail=False):
-            fs.rm(entry, recursive=True)
-    fs.makedirs(out_path, exist_ok=True)
+    state = inspect_output(output, storage_options)
+    staged = {src[len(staging_path) + 1:]: int(info["size"])
+              for src, info in sorted(fs.find(staging_path, detail=True).items())}
+    missing = sorted(set(part_rows) - set(staged))
+    if missing:
+        raise OSError(f"commit to {output}: {missing[0]} was not staged")
+    files = [{"path": rel, "rows": part_rows.get(rel), "bytes": size}
+             for rel, size in sorted(staged.items())]
+    write_json(join_uri(output, COMMITTING),
+               {"run_id": run_id, "files": files, "old": state.owned}, storage_options)
+    old = [rel for rel in state.owned if rel != COMMITTING]
+    for rel in sorted(old, key=lambda r: r != SUCCESS):  # _SUCCESS first
+        if fs.exists(f"{out_path}/{rel}"):
+            fs.rm(f"{out_path}/{rel}")
+    if is_local_fs(fs):  # directories the old result's files left empty
+        with contextlib.suppress(OSError):
+            os.rmdir(f"{out_path}/{CLUSTERS_DIR}")
     # File by file: object stores have no directories to move (a recursive ``mv`` of a
     # prefix trips over directory markers), and a local rename needs its parent.
-    for src in sorted(fs.find(staging_path)):
-        dst = f"{out_path}/{src[len(staging_path) + 1 :]}"
+    for rel in staged:
+        dst = f"{out_path}/{rel}"
         if is_local_fs(fs):
             fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-        fs.mv(src, dst)
+        fs.mv(f"{staging_path}/{rel}", dst)
     fs.invalidate_cache()
-    missing = [p for p in part_rows if not fs.exists(f"{out_path}/{p}")]
+    missing = [p for p in staged if not fs.exists(f"{out_path}/{p}")]
     if missing:
         raise OSError(f"commit to {output}: {missing[0]} is missing after the move")
     manifest = {
+        "format": MANIFEST_FORMAT,
         "run_id": run_id,
         "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": [{"path": p, "rows": r} for p, r in sorted(part_rows.items())],
+        "files": files,
         "rows": int(sum(r for p, r in part_rows.items() if p.startswith(CLUSTERS_DIR + "/"))),
     }
     write_json(join_uri(output, SUCCESS), manifest, storage_options)
+    fs.rm(f"{out_path}/{COMMITTING}")
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """A user-supplied string cut to ``limit`` characters for an error message."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists one entry per file: far below this
+_PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+_PART_COLUMNS = {"sample_id": pa.int64(), "cluster_id": pa.int64(), "score": pa.float32(),
+                 "parent": pa.int64()}
+_PART_ID_COLUMN = "id"  # optional: the input's own ids, int64
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON row or byte count: a non-negative integer (``true`` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_inside_path(path: Any) -> bool:
+    """Whether a path a manifest lists is plain, relative and normalised, so joined onto
+    the output it names a file inside it: ``/``-separated segments of letters, digits,
+    ``._-`` only, none of them ``.`` or ``..`` (no absolute path, scheme, backslash,
+    ``~``, ``%``-escape or empty segment can pass)."""
+    if not isinstance(path, str) or not path or len(path) > 1024:
+        return False
+    return all(seg not in (".", "..") and seg and set(seg) <= _PATH_CHARS
+               for seg in path.split("/"))
+
+
+def _check_manifest(manifest: Any, uri: str) -> dict:
+    """Refuse a ``_SUCCESS`` manifest whose structure a reader cannot trust: every listed
+    path must lie inside the output, counts must be integers, parts must add up."""
+    if not isinstance(manifest, dict):
+        raise InputError(uri, f"is JSON but not an object (a {type(manifest).__name__}); "
+                         "not a manifest ltc-ray wrote")
+    fmt = manifest.get("format")
+    if fmt is not None and fmt != MANIFEST_FORMAT:
+        raise InputError(uri, f"has format {shorten(repr(fmt))}; this ltc-ray reads "
+                         f"{MANIFEST_FORMAT} (and older manifests without a format)")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        raise InputError(uri, "has no 'files' list; not a manifest ltc-ray wrote")
+    seen: set[str] = set()
+    part_rows = 0
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            raise InputError(uri, f"files[{i}] is not an object with 'path' and 'rows'")
+        path = entry.get("path")
+        if not _is_inside_path(path):
+            shown = shorten(repr(path)) if isinstance(path, str) else type(path).__name__
+            raise InputError(uri, f"files[{i}].path {shown} is not a relative path inside the "
+                             "output; refusing to read it")
+        if path in seen:
+            raise InputError(uri, f"lists {shorten(path)} twice")
+        seen.add(path)
+        rows = entry.get("rows")
+        is_part = path.startswith(CLUSTERS_DIR + "/")
+        if not (_is_count(rows) or (rows is None and not is_part)):
+            raise InputError(uri, f"files[{i}].rows ({shorten(path)}) is not a non-negative "
+                             "integer")
+        if "bytes" in entry and not _is_count(entry["bytes"]):
+            raise InputError(uri, f"files[{i}].bytes ({shorten(path)}) is not a non-negative "
+                             "integer")
+        part_rows += rows if is_part else 0
+    if not any(p.startswith(CLUSTERS_DIR + "/") for p in seen):
+        raise InputError(uri, f"lists no cluster part ({CLUSTERS_DIR}/...); nothing to read")
+    total = manifest.get("rows", part_rows)
+    if not _is_count(total) or total != part_rows:
+        raise InputError(uri, f"says rows={shorten(repr(total))} but its cluster parts list "
+                         f"{part_rows} rows")
+    return manifest
+
+
+def _check_listed_files(fs, root: str, output: str, files: list[dict]) -> None:
+    """Every file the manifest lists exists, is a file inside the output (no symbolic
+    link out of it) and, where the manifest records it, has its size."""
+    found = fs.find(root, detail=True)
+    sizes = {name[len(root) + 1:]: info for name, info in found.items()
+             if name.startswith(root + "/")}
+    real_root = os.path.realpath(root) if is_local_fs(fs) else None
+    for entry in files:
+        rel = entry["path"]
+        info = sizes.get(rel)
+        where = join_uri(output, rel)
+        if info is None:
+            raise InputError(where, "is listed in _SUCCESS but missing; the result was "
+                             "changed after the run finished")
+        size = int(info.get("size") or 0)
+        if real_root is not None:  # local: a symbolic link may lead anywhere
+            real = os.path.realpath(f"{root}/{rel}")
+            if not real.startswith(real_root + os.sep):
+                raise InputError(where, "resolves outside the output (a symbolic link); "
+                                 "refusing to read it")
+            if not os.path.isfile(real):
+                raise InputError(where, "is listed in _SUCCESS but is not a file")
+            size = os.path.getsize(real)
+        elif info.get("type") not in (None, "file"):
+            raise InputError(where, "is listed in _SUCCESS but is not a file")
+        if "bytes" in entry and size != entry["bytes"]:
+            raise InputError(where, f"has {size} bytes but _SUCCESS lists {entry['bytes']}; "
+                             "the file was changed after the run finished")
+
+
+def _read_part(fs, path: str, where: str, rows: int, n_total: int, with_id: bool | None
+               ) -> pa.Table:
+    """One cluster part, checked against the contract before anything computes on it:
+    Parquet, the columns and types of ``write_cluster_part``, the listed row count,
+    ``sample_id`` in ``[0, n_total)``, ``cluster_id >= 0``, no nulls."""
+    data = fs.cat_file(path)
+    try:
+        # ParquetFile.read is synchronous: pq.read_table leaves pre-buffering work on
+        # Arrow's IO threads, which aborts the interpreter (SIGABRT, "terminate called
+        # without an active exception") when the process exits right after, as it does
+        # on an error (apache/arrow#33975).
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        names = parquet.schema_arrow.names
+        missing = [c for c in _PART_COLUMNS if c not in names]
+        if missing:
+            raise InputError(where, f"has no column '{missing[0]}' (a cluster part has "
+                             f"{', '.join(_PART_COLUMNS)}, optionally id)")
+        wanted = [*_PART_COLUMNS, *([_PART_ID_COLUMN] if _PART_ID_COLUMN in names else [])]
+        for name in wanted:
+            if names.count(name) > 1:
+                raise InputError(where, f"has column '{name}' {names.count(name)} times")
+        if parquet.metadata.num_rows != rows:
+            raise InputError(where, f"has {parquet.metadata.num_rows} rows but _SUCCESS lists "
+                             f"{rows}")
+        table = parquet.read(columns=wanted)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(where, "not a readable Parquet file (damaged or not Parquet)") from None
+    has_id = _PART_ID_COLUMN in table.column_names
+    if with_id is not None and has_id != with_id:
+        raise InputError(where, "column 'id' is in some cluster parts only")
+    for name in table.column_names:
+        column = table.column(name)
+        expected = _PART_COLUMNS.get(name, pa.int64())
+        if column.type != expected:
+            raise InputError(where, f"column '{name}' has type {column.type}, expected "
+                             f"{expected}")
+        if column.null_count:
+            raise InputError(where, f"column '{name}' has {column.null_count} null values")
+    if table.num_rows:
+        sample_id = table.column("sample_id").to_numpy()
+        lo, hi = int(sample_id.min()), int(sample_id.max())
+        if lo < 0 or hi >= n_total:
+            bad = lo if lo < 0 else hi
+            raise InputError(where, f"sample_id {bad} is outside 0..{n_total - 1} (the "
+                             f"result has {n_total} rows)")
+        cluster_id = table.column("cluster_id").to_numpy()
+        if int(cluster_id.min()) < 0:
+            raise InputError(where, f"cluster_id {int(cluster_id.min())} is negative")
+    return table
 
 
 def read_success(output: str, storage_options: dict | None = None) -> dict:
-    """The ``_SUCCESS`` manifest; an output without it is refused (incomplete or failed run)."""
+    """The ``_SUCCESS`` manifest, checked (:func:`_check_manifest`); an output without it
+    is refused (incomplete or failed run), and so is one that is not our JSON manifest."""
     uri = join_uri(output, SUCCESS)
     fs, path = url_to_fs(uri, storage_options)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])  # another process may have just committed
     if not fs.exists(path):
         raise InputError(output, "no _SUCCESS marker: the run did not finish, refusing to read it")
+    if fs.isdir(path):
+        raise InputError(uri, "is a directory, not the JSON manifest a finished run writes")
     with open_uri(uri, "rb", storage_options) as fh:
-        return json.loads(fh.read())
+        raw = fh.read(_MANIFEST_MAX_BYTES + 1)
+    if len(raw) > _MANIFEST_MAX_BYTES:
+        raise InputError(uri, f"is larger than {_MANIFEST_MAX_BYTES >> 20} MiB; not a manifest "
+                         "ltc-ray wrote")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        detail = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) \
+            else ""
+        raise InputError(uri, f"is not valid JSON{detail}; the result is damaged") from None
+    return _check_manifest(manifest, uri)
 
 
 def read_clusters(output: str, storage_options: dict | None = None) -> pa.Table:
-    """All cluster rows of a committed output, sorted by ``sample_id``."""
+    """All cluster rows of a committed output, sorted by ``sample_id``.
+
+    The result is checked against its ``_SUCCESS`` manifest first (listed files present,
+    inside the output, of the listed size and row count, with the contract's columns, and
+    ``sample_id`` exactly ``0..N-1`` once each), so a damaged or tampered output is an
+    :class:`InputError` naming the file, never a traceback or a wrong score."""
     manifest = read_success(output, storage_options)
-    tables = []
-    for entry in manifest["files"]:
-        if not entry["path"].startswith(CLUSTERS_DIR + "/"):
-            continue
-        with open_uri(join_uri(output, entry["path"]), "rb", storage_options) as fh:
-            table = pq.read_table(fh)
-        if table.num_rows != entry["rows"]:
-            raise InputError(
-                join_uri(output, entry["path"]),
-                f"has {table.num_rows} rows but _SUCCESS lists {entry['rows']}",
-            )
-        tables.append(table)
+    fs, root = url_to_fs(output, storage_options)
+    root = root.rstrip("/")
+    _check_listed_files(fs, root, output, manifest["files"])
+    parts = [e for e in manifest["files"] if e["path"].startswith(CLUSTERS_DIR + "/")]
+    n_total = sum(e["rows"] for e in parts)
+    tables: list[pa.Table] = []
+    for entry in parts:
+        with_id = _PART_ID_COLUMN in tables[0].column_names if tables else None
+        tables.append(_read_part(fs, f"{root}/{entry['path']}", join_uri(output, entry["path"]),
+                                 entry["rows"], n_total, with_id))
     table = pa.concat_tables(tables)
-    return table.sort_by("sample_id")
+    sample_id = table.column("sample_id").to_numpy()
+    counts = np.bincount(sample_id, minlength=n_total)  # in range: checked per part
+    if n_total and counts.max() > 1:  # the rows add up to n_total, so no gap without this
+        dup = int(np.argmax(counts > 1))
+        second = int(np.flatnonzero(sample_id == dup)[1])
+        ends = np.cumsum([t.num_rows for t in tables])
+        part = parts[int(np.searchsorted(ends, second, side="right"))]["path"]
+        raise InputError(join_uri(output, part), f"sample_id {dup} appears {counts[dup]} times "
+                         f"in the result (sample_ids must be 0..{n_total - 1}, each once)")
+    order = np.empty(n_total, dtype=np.int64)
+    order[sample_id] = np.arange(n_total, dtype=np.int64)
+    return table.take(pa.array(order))

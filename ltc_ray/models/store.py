@@ -22,7 +22,7 @@ import torch
 
 import ltc_ray
 from ltc_ray.errors import InputError, storage_errors
-from ltc_ray.io.fs import join_uri, open_uri, uri_exists, write_bytes_atomic
+from ltc_ray.io.fs import join_uri, open_uri, uri_exists, url_to_fs, write_bytes_atomic
 from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
 from ltc_ray.models.gcn_e import GCNE
 from ltc_ray.models.gcn_v import GCNV
@@ -30,6 +30,7 @@ from ltc_ray.models.gcn_v import GCNV
 __all__ = [
     "MODEL_JSON",
     "WEIGHTS",
+    "check_model_location",
     "data_fingerprint",
     "load_edge_scorer",
     "load_gcn_e",
@@ -149,6 +150,39 @@ def model_method(uri: str, storage_options: dict | None = None) -> str:
             raise InputError(uri, "model directory not found")
     raise InputError(uri, f"not a model directory (no {MODEL_JSON}; train one with "
                           f"jobs/train.py)")
+
+
+def _model_files() -> set[str]:
+    """Every file a model directory written by jobs/train.py may hold."""
+    return {f"{sub}{name}" for sub in ("", "gcn-v/", "gcn-e/") for name in (WEIGHTS, MODEL_JSON)}
+
+
+def check_model_location(uri: str, overwrite: bool,
+                         storage_options: dict | None = None) -> list[str]:
+    """Refuse a model output that is a file, holds anything but an earlier model's files
+    (whatever the flags), or holds a model (without ``overwrite``). Returns the earlier
+    model's files (relative paths), the only ones a new model may replace or remove."""
+    from ltc_ray.io.lock import LOCK
+
+    fs, path = url_to_fs(uri, storage_options)
+    path = path.rstrip("/")
+    if fs.isfile(path):
+        raise InputError(uri, "model output path is a file; expected a directory")
+    if not fs.isdir(path):
+        return []
+    top = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    foreign = sorted(top - {WEIGHTS, MODEL_JSON, "gcn-v", "gcn-e", LOCK})
+    files = set()
+    if not foreign:
+        files = {f[len(path) + 1:] for f in fs.find(path)} - {LOCK}
+        foreign = sorted(files - _model_files())
+    if foreign:
+        raise InputError(uri, f"holds files that are not an ltc-ray model (e.g. "
+                         f"'{foreign[0][:80]}'); refusing to write there whatever the flags: "
+                         "choose a new (or empty) model directory")
+    if any(f.endswith(MODEL_JSON) for f in files) and not overwrite:
+        raise InputError(uri, "already holds a model; pass --overwrite to replace it")
+    return sorted(files)
 
 
 def _write(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import asdict
 
 import numpy as np
@@ -18,7 +19,7 @@ from ltc_ray.cluster.base import PartitionInput
 from ltc_ray.cluster.components import merge_edges
 from ltc_ray.cluster.density_peak import link_to_nearest_higher
 from ltc_ray.config import Config
-from ltc_ray.errors import InputError
+from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import (
     FeatureInfo,
@@ -27,9 +28,12 @@ from ltc_ray.io.features import (
     write_feature_part,
     write_parts_manifest,
 )
-from ltc_ray.io.fs import join_uri, uri_exists
+from ltc_ray.io.fs import join_uri, url_to_fs
 from ltc_ray.io.labels import read_labels
+from ltc_ray.io.lock import OutputLock
+from ltc_ray.io.output import check_output_disjoint
 from ltc_ray.metrics import evaluate, pairwise_prf
+from ltc_ray.models.store import MODEL_JSON, WEIGHTS, check_model_location
 from ltc_ray.pipeline.job import JobSpec, inputs_and_graph
 from ltc_ray.pipeline.knn_stage import build_knn_graph
 from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
@@ -290,15 +294,40 @@ def train(
     with ``edge_cfg``, a :class:`~ltc_ray.models.train_hc.EdgeTrainConfig`)."""
     if method not in TRAINABLE:
         raise InputError("--method", f"cannot train '{method}'; trainable: {', '.join(TRAINABLE)}")
-    v_output = join_uri(output, "gcn-v") if method == "gcn-ve" else output
-    if uri_exists(join_uri(v_output, "model.json"), storage_options) and not overwrite:
-        raise InputError(output, "already holds a model; pass --overwrite")
     spec = JobSpec(features=features, labels=labels, knn=knn, output=output, config=config,
                    work_dir=work_dir or output.rstrip("/") + ".work", num_cpus=num_cpus,
                    storage_options=storage_options)
+    with storage_errors(output):
+        check_output_disjoint(output, {
+            "feature file": features, "label file": labels, "kNN file": knn,
+            "work directory (--work-dir)": spec.resolved_work_dir}, storage_options)
+        old_files = check_model_location(output, overwrite, storage_options)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    lock = OutputLock(output, run_id, storage_options)
+    with storage_errors(output):
+        lock.acquire()
+    try:
+        with storage_errors(output):  # again, now as the location's one writer
+            old_files = check_model_location(output, overwrite, storage_options)
+        meta = _train_locked(method, spec, train_cfg, edge_cfg, rho)
+        if not lock.holds():
+            raise RuntimeError(f"lost the lock on {output} to another job")
+        written = {f"{sub}{name}" for sub in (("gcn-v/", "gcn-e/") if method == "gcn-ve"
+                                              else ("",)) for name in (WEIGHTS, MODEL_JSON)}
+        for rel in sorted(set(old_files) - written):  # an earlier model's leftovers only
+            _, path = url_to_fs(join_uri(output, rel), storage_options)
+            url_to_fs(output, storage_options)[0].rm(path)
+        return meta
+    finally:
+        lock.release()
+
+
+def _train_locked(method: str, spec: JobSpec, train_cfg, edge_cfg, rho: float) -> dict:
+    """:func:`train`'s work, holding the model directory's lock."""
+    config, output, so, labels = spec.config, spec.output, spec.storage_options, spec.labels
+    v_output = join_uri(output, "gcn-v") if method == "gcn-ve" else output
     info, resources, stages, manifest = inputs_and_graph(spec)
     cpus = max(1, int(resources.get("CPU", 1)))
-    so = storage_options
     if method == "hard-clusters":
         from ltc_ray.models.train_hc import EdgeTrainConfig
 

@@ -355,6 +355,7 @@ def make_benchmark(
     chunk_rows: int = 262144,
     progress: bool = True,
     params: SyntheticParams | None = None,
+    overwrite: bool = False,
 ) -> dict[str, dict]:
     """Write an MS1M-shaped labelled benchmark under ``data_root``; return what was written.
 
@@ -365,6 +366,10 @@ def make_benchmark(
     Local files are written under a ``.tmp`` name and renamed when complete; fsspec
     URIs (``s3://...``) are written in place. Same seed -> same bytes, whatever
     ``chunk_rows``. Returns name -> {"features", "labels", "n_samples", "n_ids"}.
+
+    An existing file is replaced only with ``overwrite`` and only when an earlier call wrote
+    it and it is unchanged since (recorded in ``<data_root>/`` :data:`WRITTEN_MARKER`):
+    real data under the same root is never overwritten.
     """
     wanted = _check_parts(parts)
     scale = _check_scale(scale)
@@ -388,6 +393,8 @@ def make_benchmark(
         }
         for p in wanted
     }
+    targets = [path for info in result.values() for path in (info["features"], info["labels"])]
+    written_before = _check_replaceable(root, targets, overwrite)
     # base part -> the requested outputs that contain it
     readers: dict[int, list[str]] = {}
     for p in wanted:
@@ -411,4 +418,64 @@ def make_benchmark(
         for feat_sink, label_sink in sinks.values():
             feat_sink.close(ok)
             label_sink.close(ok)
+    _record_written(root, targets, written_before)
     return result
+
+
+WRITTEN_MARKER = ".ltc-ray-synthetic.json"  # the files make_benchmark wrote under a root
+
+
+def _version(fs, path: str) -> list | None:
+    """Size and modification time of a file (None: no file): what proves it unchanged."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+    return [int(info.get("size") or 0), str(stamp)]
+
+
+def _check_replaceable(root: str, targets: list[str], overwrite: bool) -> dict:
+    """Refuse to replace a file this function did not write (or that changed since), and
+    any existing file without ``overwrite``. Returns the marker's record."""
+    import json
+
+    import fsspec
+
+    fs, root_path = fsspec.core.url_to_fs(root)
+    try:
+        record = json.loads(fs.cat_file(f"{root_path}/{WRITTEN_MARKER}"))["files"]
+        if not isinstance(record, dict):
+            raise TypeError
+    except FileNotFoundError:
+        record = {}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        record = {}  # unreadable: vouches for nothing
+    for uri in targets:
+        path = fsspec.core.url_to_fs(uri)[1]
+        current = _version(fs, path)
+        if current is None:
+            continue
+        rel = path[len(root_path.rstrip("/")) + 1:]
+        if record.get(rel) != current:
+            raise InputError(uri, "exists and was not written by make_synthetic (or changed "
+                             "since); refusing to replace it whatever the flags: choose "
+                             "another --data-root")
+        if not overwrite:
+            raise InputError(uri, "already exists (an earlier synthetic benchmark); pass "
+                             "--overwrite to replace it")
+    return record
+
+
+def _record_written(root: str, targets: list[str], record: dict) -> None:
+    """Add the files just written to the root's marker."""
+    import json
+
+    import fsspec
+
+    fs, root_path = fsspec.core.url_to_fs(root)
+    for uri in targets:
+        path = fsspec.core.url_to_fs(uri)[1]
+        record[path[len(root_path.rstrip("/")) + 1:]] = _version(fs, path)
+    with fsspec.open(f"{root.rstrip('/')}/{WRITTEN_MARKER}", "w") as fh:
+        fh.write(json.dumps({"files": record}, indent=1, sort_keys=True))
