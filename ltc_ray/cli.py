@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ltc_ray.errors import InputError, storage_errors
+from ltc_ray.errors import InputError, WorkFileError, storage_errors
 from ltc_ray.redact import RedactingFormatter, redact, register_storage_options
 
 log = logging.getLogger("ltc_ray")
@@ -24,6 +24,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises InputError instead of exiting, so all bad input maps to 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if len(message) > 200:  # argparse echoes values whole: never print unbounded input
+            message = message[:199] + "…"
         raise InputError(self.prog, message)
 
 
@@ -92,26 +94,33 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[str, str | None, str | No
 
 
 def _config(args: argparse.Namespace):
-    from ltc_ray.config import Config, load_config
+    """The job's Config: defaults, --config, --set, then the flags that are config keys
+    (--dim, --method, --model), validated. --method and --model are taken verbatim (not
+    parsed as YAML: a model path holding '#' or '~' stays that path)."""
+    from ltc_ray.config import Config, check_flag, check_method_name, load_config, validate
 
     overrides = list(args.set or [])
-    if getattr(args, "method", None):
-        overrides.append(f"method={args.method}")
-    if getattr(args, "model", None):  # whichever learned method runs reads its own key
-        overrides += [f"methods.{name}.model={args.model}"
-                      for name in ("gcn-v", "gcn-ve", "hard-clusters")]
     for flag, value in (("--dim", args.dim), ("--num-cpus", getattr(args, "num_cpus", None))):
         if value is not None and value <= 0:
             raise InputError(flag, f"must be a positive integer, got {value}")
+        check_flag(flag, value)
     if args.dim is not None:
         overrides.append(f"dim={args.dim}")
+    method, model = getattr(args, "method", None), getattr(args, "model", None)
+    if method:
+        check_method_name("--method", method)
     cfg = load_config(args.config, overrides)
-    if getattr(args, "model", None) and not getattr(args, "method", None) and \
-            cfg.method == Config().method:
+    if method:
+        cfg.method = method
+    if model:  # whichever learned method runs reads its own key
+        for params in (cfg.methods.gcn_v, cfg.methods.gcn_ve, cfg.methods.hard_clusters):
+            params.model = model
+    validate(cfg)
+    if model and not method and cfg.method == Config().method:
         # --model without --method (nor a method in --config/--set): the model's own method
         from ltc_ray.models.store import model_method
 
-        cfg.method = model_method(args.model, _storage_options(args.storage_options))
+        cfg.method = model_method(model, _storage_options(args.storage_options))
     return cfg
 
 
@@ -258,6 +267,9 @@ def synthetic_parser() -> argparse.ArgumentParser:
                    help="fraction of MS1M identities/samples (1.0 = 5.21M at part9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier make_synthetic run under --data-root "
+                   "(files it did not write are never replaced)")
     return p
 
 
@@ -271,7 +283,8 @@ def synthetic_main(argv: Sequence[str]) -> int:
         raise InputError(
             "--parts", f"expected a comma list of integers, got {args.parts!r}"
         ) from None
-    written = make_benchmark(args.data_root, parts, args.scale, args.seed, args.dim)
+    written = make_benchmark(args.data_root, parts, args.scale, args.seed, args.dim,
+                             overwrite=args.overwrite)
     for name, info in written.items():
         print(f"{name}: {info['n_samples']} samples, {info['n_ids']} identities -> "
               f"{info['features']}")
@@ -283,22 +296,58 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate", description="Score a finished clustering output against labels.")
     p.add_argument("--pred", required=True, help="output URI of a finished run (has _SUCCESS)")
     p.add_argument("--labels", required=True, help="labels (.meta), one integer per line")
-    p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument("--json", help="also write the metrics to this file (a new path, or a "
+                   "metrics file evaluate wrote; never inside a result directory)")
     p.add_argument("--storage-options", metavar="JSON")
     return p
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
+    import numpy as np
+
+    from ltc_ray.io.fs import url_to_fs
     from ltc_ray.io.labels import read_labels
-    from ltc_ray.io.output import read_clusters, write_json
+    from ltc_ray.io.output import SUCCESS, overlaps, read_clusters, shorten, write_json
     from ltc_ray.metrics import evaluate
+
+    def check_metrics_target(uri: str, pred: str, so: dict | None) -> None:
+        """``--json`` writes a new file or replaces a metrics file evaluate wrote (a JSON
+        object with exactly the metric keys); never a user's file, and never a file inside
+        a result directory, which holds only what its run wrote."""
+        if overlaps(uri, pred, so):
+            raise InputError(uri, "lies inside the --pred result, which holds only the files "
+                             "its run wrote; choose a path outside it (--json)")
+        fs, path = url_to_fs(uri, so)
+        path = path.rstrip("/")
+        if "/" in path and fs.exists(f"{path.rsplit('/', 1)[0]}/{SUCCESS}"):
+            raise InputError(uri, "lies inside an ltc-ray result (its directory has _SUCCESS); "
+                             "choose a path outside it (--json)")
+        if fs.isdir(path):
+            raise InputError(uri, "is a directory; --json names the file to write")
+        if not fs.exists(path):
+            return
+        keys = set(evaluate(np.zeros(2, np.int64), np.zeros(2, np.int64)))  # the metric keys
+        try:
+            with fs.open(path, "rb") as fh:
+                existing = json.loads(fh.read(1 << 20))
+            ours = isinstance(existing, dict) and set(existing) == keys
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, longer than 1 MiB
+            ours = False
+        if not ours:
+            raise InputError(uri, "already exists and is not a metrics file evaluate wrote; "
+                             "refusing to overwrite it: choose a new path (--json)")
 
     args = evaluate_parser().parse_args(argv)
     so = _storage_options(args.storage_options)
-    table = read_clusters(args.pred, so)
-    cluster_id = table.column("cluster_id").to_numpy()
-    labels = read_labels(args.labels, expected_rows=len(cluster_id), storage_options=so)
-    metrics = evaluate(labels, cluster_id)
+    if args.json:
+        check_metrics_target(args.json, args.pred, so)
+    table = read_clusters(args.pred, so)  # checked against its _SUCCESS manifest
+    labels = read_labels(args.labels, storage_options=so)
+    if len(labels) != table.num_rows:  # before computing on two arrays that disagree
+        raise InputError(args.pred, f"has {table.num_rows} cluster rows but "
+                         f"{shorten(args.labels)} has {len(labels)} labels; score a result "
+                         "against the labels of the features it clustered")
+    metrics = evaluate(labels, table.column("cluster_id").to_numpy())
     print(metrics_table({args.pred: metrics}))
     if args.json:
         write_json(args.json, metrics, so)
@@ -315,34 +364,30 @@ def tune_parser() -> argparse.ArgumentParser:
     _add_input_args(p, "labels (.meta); --part finds them itself")
     p.add_argument("--method", required=True)
     p.add_argument("--metric", default="pairwise_f", choices=["pairwise_f", "bcubed_f", "nmi"])
-    p.add_argument("--grid", metavar="LOW:HIGH:STEP", help="values to try (default per method)")
+    p.add_argument("--grid", metavar="LOW:HIGH:STEP",
+                   help="values to try (default per method); each must be valid for the tuned "
+                   "key, STEP >= 1e-6, at most 1000 values")
     p.add_argument("--output-config", required=True, help="YAML file to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a config an earlier tune wrote (any other file is refused)")
     _add_run_args(p, "runs/tune-<input>.work")
     return p
 
 
 def tune_main(argv: Sequence[str]) -> int:
-    from ltc_ray.pipeline.tune import tune
+    from ltc_ray.pipeline.tune import parse_grid, tune
 
     args = tune_parser().parse_args(argv)
+    grid = None if args.grid is None else parse_grid(args.grid)  # vs. the key: in tune()
     features, labels, knn, name = _resolve_inputs(args)
     if labels is None:
         raise InputError("--labels", "tuning needs labels (a labelled training split)")
     cfg = _config(args)
-    grid = None
-    if args.grid:
-        try:
-            grid = tuple(float(v) for v in args.grid.split(":"))
-            if len(grid) != 3 or grid[2] <= 0 or grid[1] < grid[0]:
-                raise ValueError
-        except ValueError:
-            raise InputError(
-                "--grid", f"expected LOW:HIGH:STEP with STEP > 0, got {args.grid!r}"
-            ) from None
     result = tune(
         features=features, labels=labels, knn=knn, config=cfg, metric=args.metric, grid=grid,
         work_dir=args.work_dir or f"runs/tune-{name}.work", num_cpus=args.num_cpus,
         storage_options=_storage_options(args.storage_options), output_config=args.output_config,
+        overwrite=args.overwrite,
     )
     print(result["table"])
     print(f"best {result['param']} = {result['best_value']:.4f} "
@@ -352,6 +397,8 @@ def tune_main(argv: Sequence[str]) -> int:
 
 # ---------------------------------------------------------------- train
 def train_parser() -> argparse.ArgumentParser:
+    from ltc_ray.config import float_flag, int_flag
+
     p = _Parser(
         prog="train",
         description="Train a learned method on a LABELLED split (e.g. --part 0) and write a model "
@@ -362,16 +409,17 @@ def train_parser() -> argparse.ArgumentParser:
                    help="hard-clusters (edge scorer; the default), gcn-v or gcn-ve (GCN-V, "
                    "then GCN-E)")
     p.add_argument("--output", required=True, help="model directory URI to write")
-    p.add_argument("--edge-epochs", type=int, help="gcn-ve: GCN-E training epochs (default 2)")
-    p.add_argument("--rho", type=float, default=0.2,
+    p.add_argument("--edge-epochs", type=int_flag,
+                   help="gcn-ve: GCN-E training epochs (default 2)")
+    p.add_argument("--rho", type=float_flag, default=0.2,
                    help="gcn-ve: share of most confident nodes that use GCN-E (default 0.2)")
-    p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-rows", type=int,
+    p.add_argument("--epochs", type=int_flag, help="training epochs (1 to 10000)")
+    p.add_argument("--lr", type=float_flag, help="learning rate, in (0, 1]")
+    p.add_argument("--batch-rows", type=int_flag,
                    help="gcn-v: mini-batch rows (0 = full graph when it fits, else mini-batches)"
                    "; hard-clusters: anchors per step (default 256)")
-    p.add_argument("--hidden", type=int, help="hidden width (default 512)")
-    p.add_argument("--tune-folds", type=int,
+    p.add_argument("--hidden", type=int_flag, help="hidden width (default 512)")
+    p.add_argument("--tune-folds", type=int_flag,
                    help="hard-clusters: identity folds of the out-of-fold TPDi threshold search "
                    "(default 2; 0 keeps the paper's 0.7)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
@@ -380,9 +428,13 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str]) -> int:
+    from ltc_ray.config import check_flag
     from ltc_ray.io.fs import url_to_fs
 
     args = train_parser().parse_args(argv)
+    for flag in ("--epochs", "--edge-epochs", "--lr", "--rho", "--batch-rows", "--hidden",
+                 "--tune-folds"):  # finite and in range (config.FLAG_RANGES), before any work
+        check_flag(flag, getattr(args, flag[2:].replace("-", "_")))
     features, labels, knn, _ = _resolve_inputs(args)
     if labels is None:
         raise InputError("--labels", "training needs labels (a labelled split)")
@@ -398,23 +450,16 @@ def train_main(argv: Sequence[str]) -> int:
         return _train_hard_clusters(args, features, labels, knn, cfg)
 
     train_cfg = TrainConfig(seed=cfg.seed)
-    for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_rows"),
-                       ("hidden", "hidden")):
+    for flag in ("epochs", "lr", "batch_rows", "hidden"):  # ranges checked above
         value = getattr(args, flag)
         if value is not None:
-            if value < 0 or (value == 0 and flag != "batch_rows"):
-                raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
-            setattr(train_cfg, attr, value)
-    if not 0.0 <= args.rho <= 1.0:
-        raise InputError("--rho", f"is a share in [0, 1], got {args.rho}")
+            setattr(train_cfg, flag, value)
     edge_cfg = None
     if args.method == "gcn-ve":
         from ltc_ray.models.train_e import TrainEConfig
 
         edge_cfg = TrainEConfig(seed=cfg.seed)
         if args.edge_epochs is not None:
-            if args.edge_epochs <= 0:
-                raise InputError("--edge-epochs", f"must be positive, got {args.edge_epochs}")
             edge_cfg.epochs = args.edge_epochs
     meta = train(args.method, features, labels, args.output, cfg, train_cfg, knn=knn,
                  work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
@@ -435,11 +480,11 @@ def _train_hard_clusters(args, features: str, labels: str, knn: str | None, cfg)
     from ltc_ray.models.train_hc import EdgeTrainConfig
     from ltc_ray.pipeline.train import train
 
-    edge_cfg = EdgeTrainConfig(seed=cfg.seed)
+    edge_cfg = EdgeTrainConfig(seed=cfg.seed)  # flag ranges: checked by train_main
     for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_size")):
         value = getattr(args, flag)
         if value is not None:
-            if value <= 0:
+            if value <= 0:  # gcn-v's batch_rows 0 (full graph) has no meaning here
                 raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
             setattr(edge_cfg, attr, value)
     if args.tune_folds is not None:
@@ -466,7 +511,14 @@ def export_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="export_knn",
                 description="Export a run's kNN graph as a learn-to-cluster faiss_k_<k>.npz.")
     p.add_argument("--work-dir", required=True, help="a run's work area (holds knn/manifest.json)")
-    p.add_argument("--output", required=True, help="npz URI to write")
+    p.add_argument("--output", required=True,
+                   help="npz URI to write: a new path outside --work-dir; an export also "
+                   "writes <output>.ltc-ray.json, the marker that says ltc-ray wrote it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output, but only a kNN export ltc-ray wrote: "
+                   "its <output>.ltc-ray.json marker must still match the file's size, "
+                   "modification time and (object stores) ETag; any other file is refused, "
+                   "flag or not")
     p.add_argument("--storage-options", metavar="JSON")
     return p
 
@@ -475,7 +527,8 @@ def export_main(argv: Sequence[str]) -> int:
     from ltc_ray.graph.knn_graph import export_ltc_npz
 
     args = export_parser().parse_args(argv)
-    n, k = export_ltc_npz(args.work_dir, args.output, _storage_options(args.storage_options))
+    n, k = export_ltc_npz(args.work_dir, args.output, _storage_options(args.storage_options),
+                          overwrite=args.overwrite)
     print(f"wrote {n} x {k} kNN lists to {args.output}")
     return EXIT_OK
 
@@ -521,6 +574,9 @@ def run_verb(verb: str, argv: Sequence[str]) -> int:
         if isinstance(cause, InputError):
             print(redact(f"error: {cause.where}: {cause.problem}"), file=sys.stderr)
             return EXIT_BAD_INPUT
+        if isinstance(cause, WorkFileError):  # the run's own file: rerunning heals it
+            print(redact(f"failed: {cause}"), file=sys.stderr)
+            return EXIT_FAILED
         log.exception("job failed")
         print(redact(f"failed: {type(cause).__name__}: {cause}"), file=sys.stderr)
         return EXIT_FAILED

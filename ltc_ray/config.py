@@ -2,12 +2,19 @@
 
 A config is a tree of dataclasses validated once, at the edge: an unknown key,
 a value of the wrong type or an out-of-range value is an :class:`InputError`
-naming the key, raised before any expensive work starts.
+naming the key, raised before any expensive work starts. Every numeric key has a
+range (:data:`RANGES`: NaN and infinities are never valid, sizes and counts are bounded),
+and YAML anchors/aliases are refused (a few hundred bytes of nested aliases expand to
+gigabytes), so what reaches ``run.json`` is always finite and sane.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +224,190 @@ _CHOICES = {
     "methods.hard-clusters.density": ("approximate", "iterative"),
 }
 
+ECHO_CHARS = 80  # user values echoed in an error message are cut to this many characters
+MAX_CONFIG_BYTES = 256 * 1024  # a config file is a few kB; refuse anything near a MiB
+MAX_INT = 1 << 62  # no integer key may exceed this, whatever its own range says
+_METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for echoing user input in a message
+    (a multi-megabyte ``--set`` value or YAML scalar must not become a multi-megabyte line)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    if isinstance(value, (dict, list)) and len(value) > limit:
+        kind = "mapping" if isinstance(value, dict) else "list"
+        return f"<a {kind} of {len(value)} entries>"
+    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` itself when short, else its first ``limit - 1`` characters and an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric config key or flag: ``low``/``high`` (None: no
+    bound), each inclusive unless ``*_open``. ``what`` names the quantity ("a cosine
+    similarity"): the message then gives the whole interval; ``why_low``/``why_high``
+    say why that bound."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    what: str = ""
+    why_low: str = ""
+    why_high: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is not valid (None when it is)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {shown(value)}"
+        low, high = self.low, self.high
+        too_low = low is not None and (value <= low if self.low_open else value < low)
+        too_high = high is not None and (value >= high if self.high_open else value > high)
+        if not (too_low or too_high):
+            return None
+        why = self.why_low if too_low else self.why_high
+        note = f" ({why})" if why else ""
+        if self.what:
+            return f"is {self.what} in {self.interval()}{note}, got {shown(value)}"
+        if too_low:
+            positive = (self.low == 0 and self.low_open) or (
+                self.low == 1 and isinstance(value, int) and not self.low_open)
+            bound = "must be positive" if positive else (
+                f"must be {'>' if self.low_open else '>='} {_num(self.low)}")
+        else:
+            bound = f"must be {'<' if self.high_open else '<='} {_num(self.high)}"
+        return f"{bound}{note}, got {shown(value)}"
+
+    def interval(self) -> str:
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        low = "-inf" if self.low is None else _num(self.low)
+        return f"{left}{low}, {_num(self.high)}{right}"
+
+    def check(self, where: str, value: float | None) -> None:
+        """Raise :class:`InputError` naming ``where`` when ``value`` is out of range."""
+        if value is None:
+            return
+        problem = self.problem(value)
+        if problem is not None:
+            raise InputError(where, problem)
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "inf"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+_COSINE = Range(-1.0, 1.0, what="a cosine similarity")
+_SHARE = Range(0.0, 1.0, what="a share")
+_POSITIVE = Range(0, None, low_open=True)
+_SIGMA = Range(1e-6, 1e6, what="a softmax temperature")
+_WORKERS = 4096  # actors, shards, CPUs per actor: more than any cluster has
+_NEIGHBOURS = 4096  # kNN lists longer than this do not fit in memory at scale
+_ROWS = 1 << 24  # rows per batch/block: 16M rows of the smallest payload are GBs
+_ROUNDS = 100_000  # iterations/rounds: more would run for days
+
+# Every numeric key of Config (YAML names), its valid values. test_config checks that
+# every int/float field of every dataclass above has an entry.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, (1 << 31) - 2, why_high="faiss and Infomap take 32-bit seeds"),
+    "dim": Range(1, 65536),
+    "knn.k": Range(2, _NEIGHBOURS, why_low="self + 1 neighbour"),
+    "knn.nlist": Range(0, 1 << 20),
+    "knn.nprobe": Range(1, 1 << 20),
+    "knn.shards": Range(0, _WORKERS),
+    "knn.shard_max_bytes": Range(1 << 20, 1 << 50,
+                                 why_low="1 MiB: smaller shards would start an actor per "
+                                         "handful of rows"),
+    "knn.cpus_per_actor": Range(1, _WORKERS),
+    "knn.block_rows": Range(1, _ROWS),
+    "knn.max_in_flight": Range(0, _WORKERS),
+    "knn.recall_sample": Range(0, 1 << 20),
+    "methods.knn-cc.threshold": _COSINE,
+    "methods.density-peak.neighbors": Range(1, _NEIGHBOURS),
+    "methods.density-peak.tau": _COSINE,
+    "methods.gcn-v.tau": _COSINE,
+    "methods.gcn-v.tau2": _COSINE,
+    "methods.gcn-v.batch_rows": Range(1, _ROWS),
+    "methods.gcn-ve.rho": _SHARE,
+    "methods.gcn-ve.tau": _COSINE,
+    "methods.gcn-ve.batch_rows": Range(1, _ROWS),
+    "methods.gcn-ve.batch_size": Range(1, 1 << 16),
+    "methods.hard-clusters.tau": Range(0.0, 2.0, what="a TPDi distance threshold"),
+    "methods.hard-clusters.density_k": Range(1, _NEIGHBOURS),
+    "methods.hard-clusters.density_sigma": _SIGMA,
+    "methods.hard-clusters.damping": Range(0.0, 1.0, high_open=True, what="a damping factor"),
+    "methods.hard-clusters.eps": _POSITIVE,
+    "methods.hard-clusters.max_iter": Range(1, _ROUNDS),
+    "methods.hard-clusters.tpdi_sigma": _SIGMA,
+    "methods.hard-clusters.batch_size": Range(1, 1 << 16),
+    "methods.hard-clusters.halo_bytes": Range(1, 1 << 50),
+    "methods.infomap.threshold": _COSINE,
+    "methods.infomap.trials": Range(1, 1000),
+    "methods.chinese-whispers.threshold": _COSINE,
+    "methods.chinese-whispers.iterations": Range(1, _ROUNDS),
+    "methods.knn-dbscan.eps": Range(0.0, 2.0, low_open=True, what="a cosine distance"),
+    "methods.knn-dbscan.min_samples": Range(1, 1 << 16),
+    "methods.aro.threshold": Range(0.0, None, what="a rank-order distance"),
+    "methods.aro.neighbors": Range(1, _NEIGHBOURS),
+    "methods.cdp.threshold": _COSINE,
+    "methods.cdp.max_size": Range(1, 1 << 40),
+    "methods.cdp.step": Range(1e-4, 2.0, why_low="a smaller step re-cuts the graph up to "
+                                                 "2/step times"),
+    "methods.hac.threshold": _COSINE,
+    "methods.hac.max_rounds": Range(1, _ROUNDS),
+    "methods.kmeans.threshold": _COSINE,
+    "methods.kmeans.n_clusters": Range(0, _ROWS),
+    "methods.kmeans.niter": Range(1, 10_000),
+    "methods.kmeans.nredo": Range(1, 100),
+    "cluster.partitions": Range(0, 1 << 16),
+    "cluster.partition_rows": Range(1, 1 << 31),
+    "cluster.merge_local_max_edges": Range(0, 1 << 40),
+}
+
+# Numeric command-line flags of the jobs (cli.py), checked the same way.
+FLAG_RANGES: dict[str, Range] = {
+    "--dim": RANGES["dim"],
+    "--num-cpus": Range(1, 1 << 16),
+    "--epochs": Range(1, 10_000),
+    "--edge-epochs": Range(1, 10_000),
+    "--lr": Range(0.0, 1.0, low_open=True, what="a learning rate"),
+    "--rho": _SHARE,
+    "--batch-rows": Range(0, _ROWS),
+    "--hidden": Range(1, 8192),
+    "--tune-folds": Range(0, 100),
+}
+
+
+def int_flag(text: str) -> int:
+    """argparse ``type`` for an integer flag: like ``int`` but the refusal echoes at most
+    :data:`ECHO_CHARS` characters of the value (argparse echoes it whole)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {shown(text)}") from None
+
+
+def float_flag(text: str) -> float:
+    """argparse ``type`` for a number flag (the range, finiteness included, is checked
+    after parsing by :func:`check_flag`, naming the flag)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {shown(text)}") from None
+
+
+def check_flag(flag: str, value: float | None) -> None:
+    """Refuse a numeric flag outside :data:`FLAG_RANGES` (None: not given)."""
+    FLAG_RANGES[flag].check(flag, value)
+
 
 def _yaml_name(name: str) -> str:
     return name.replace("_", "-") if name in _DASHED_METHODS else name
@@ -232,18 +423,82 @@ def _to_yaml_names(tree: Any) -> Any:
     return tree
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def numeric_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, type, Any]]:
+    """``(yaml key, int or float, value)`` of every numeric field under ``obj`` (default:
+    a fresh :class:`Config`), nested dataclasses included; bools are not numbers here."""
+    obj = Config() if obj is None else obj
+    out = []
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        typ = hints[f.name]
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        base = args[0] if args else typ
+        value = getattr(obj, f.name)
+        key = f"{prefix}{_yaml_name(f.name)}"
+        if dataclasses.is_dataclass(base):
+            out += numeric_fields(value, key + ".")
+        elif base in (int, float):
+            out.append((key, base, value))
+    return out
+
+
+class _RefusedYAML(Exception):
+    """YAML that parses but is refused before it is built (aliases, duplicate keys)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases (nested aliases are the "billion
+    laughs" bomb: a few hundred bytes that expand to gigabytes once printed or walked)
+    and without duplicate keys (the later one silently winning hides a typo)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _RefusedYAML(f"YAML anchors and aliases (&name, *name) are not supported "
+                               f"(line {event.start_mark.line + 1}); write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise _RefusedYAML(f"duplicate key {shown(key_node.value)} "
+                                       f"(line {key_node.start_mark.line + 1})")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse ``text`` with :class:`_StrictLoader`; refused constructs and nesting too deep
+    for the parser are :class:`InputError`; other parse errors propagate (the caller
+    decides: a config file is refused, a ``--set`` value falls back to a plain string)."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _RefusedYAML as exc:
+        raise InputError(where, str(exc)) from None
+    except RecursionError:
+        raise InputError(where, "YAML nested too deeply") from None
+
+
 def _field_for(cls: type, key: str, where: str) -> dataclasses.Field:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     name = key.replace("-", "_")
     if name not in fields:
         known = ", ".join(sorted(_yaml_name(f) for f in fields))
-        raise InputError(where, f"unknown config key '{key}' (known here: {known})")
+        raise InputError(where, f"unknown config key {shown(key)} (known here: {known})")
     return fields[name]
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the field's declared scalar type (``X | None``: null,
-    "none" or "model" mean None — e.g. "use the threshold the model was tuned with")."""
+    "none" or "model" mean None — e.g. "use the threshold the model was tuned with").
+    Numbers must be finite, integers integral and at most :data:`MAX_INT`."""
     args = typing.get_args(typ)
     if type(None) in args:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "model")):
@@ -254,44 +509,75 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise InputError(where, f"expected true/false, got {value!r}")
+        raise InputError(where, f"expected true/false, got {shown(value)}")
     if typ is int:
-        if isinstance(value, bool):
-            raise InputError(where, f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if "e" in value.lower() else int(value)
-            except ValueError:
-                pass
-        raise InputError(where, f"expected an integer, got {value!r}")
+        number = _integer(value)
+        if number is None:
+            raise InputError(where, f"expected an integer, got {shown(value)}")
+        if abs(number) > MAX_INT:
+            raise InputError(where, f"integer too large (at most {MAX_INT}), got {shown(value)}")
+        return number
     if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise InputError(where, f"expected a number, got {value!r}")
+        number = _float(value)
+        if number is None:
+            raise InputError(where, f"expected a number, got {shown(value)}")
+        if not math.isfinite(number):
+            raise InputError(where, f"must be a finite number, got {shown(value)}")
+        return number
     if typ is str:
         if isinstance(value, (dict, list)):
-            raise InputError(where, f"expected a string, got {value!r}")
+            raise InputError(where, f"expected a string, got {shown(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {typ!r}")
 
 
+def _float(value: Any) -> float | None:
+    """``value`` as a float (inf for an integer too large for one); None: not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.copysign(math.inf, value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int: an int, or an integral finite float / numeric string
+    ("80", "1e6", "1_000"); None otherwise (2.5, "1e400", "nan", true)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    number = _float(value)
+    if number is None or not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
+
+
 def _apply(obj: Any, tree: dict, where: str, prefix: str = "") -> None:
+    if tree is None and prefix:  # an empty section ("knn:" with every key commented out)
+        return
     if not isinstance(tree, dict):
-        raise InputError(where, f"expected a mapping at '{prefix or '<top>'}', got {tree!r}")
-    hints = typing.get_type_hints(type(obj))
+        raise InputError(where, f"expected a mapping at '{prefix.rstrip('.') or '<top>'}', "
+                                f"got {shown(tree)}")
+    hints = _hints(type(obj))
     for key, value in tree.items():
-        f = _field_for(type(obj), str(key), f"{where} [{prefix}{key}]")
+        key_text = str(key)
+        f = _field_for(type(obj), key_text, f"{where} [{prefix}{cut(key_text)}]")
         typ = hints[f.name]
-        path = f"{prefix}{key}"
+        path = f"{prefix}{key_text}"
         if dataclasses.is_dataclass(typ):
             _apply(getattr(obj, f.name), value, where, path + ".")
         else:
@@ -299,11 +585,16 @@ def _apply(obj: Any, tree: dict, where: str, prefix: str = "") -> None:
 
 
 def set_key(cfg: Config, dotted: str, raw_value: str, where: str = "--set") -> None:
-    """Apply one ``key.sub=value`` override (value parsed as YAML scalar)."""
-    try:
-        value = yaml.safe_load(raw_value) if raw_value != "" else ""
-    except yaml.YAMLError:
-        value = raw_value
+    """Apply one ``key.sub=value`` override (value parsed as a YAML scalar; text YAML
+    cannot parse stays a plain string)."""
+    value: Any = raw_value
+    if raw_value != "":
+        try:
+            value = _load_yaml(raw_value, f"{where} [{cut(dotted)}]")
+        except InputError:
+            raise
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer too long for int()
+            value = raw_value
     parts = dotted.split(".")
     tree: Any = value
     for part in reversed(parts):
@@ -311,79 +602,33 @@ def set_key(cfg: Config, dotted: str, raw_value: str, where: str = "--set") -> N
     _apply(cfg, tree, where)
 
 
+def check_method_name(where: str, name: Any) -> None:
+    """Refuse what cannot be a method name (lower-case letters, digits, '-' and '_'; at
+    most 64 characters) before it is echoed in longer messages; the registry then
+    refuses an unknown name with the list of known ones."""
+    if not isinstance(name, str) or not _METHOD_NAME.fullmatch(name):
+        raise InputError(where, f"is not a method name, got {shown(name)}")
+
+
 def validate(cfg: Config) -> Config:
-    """Range and choice checks that need no data."""
+    """Range and choice checks that need no data: every numeric key against
+    :data:`RANGES` (NaN and infinities refused everywhere), every choice key."""
+    check_method_name("config method", cfg.method)
     for dotted, choices in _CHOICES.items():
         value = _get(cfg, dotted)
         if value not in choices:
             allowed = ", ".join(choices)
-            raise InputError(f"config {dotted}", f"must be one of {allowed}, got {value!r}")
-    positive = {
-        "dim": cfg.dim,
-        "knn.k": cfg.knn.k,
-        "knn.block_rows": cfg.knn.block_rows,
-        "knn.cpus_per_actor": cfg.knn.cpus_per_actor,
-        "knn.nprobe": cfg.knn.nprobe,
-        "cluster.partition_rows": cfg.cluster.partition_rows,
-        "methods.density-peak.neighbors": cfg.methods.density_peak.neighbors,
-        "methods.gcn-v.batch_rows": cfg.methods.gcn_v.batch_rows,
-        "methods.gcn-ve.batch_rows": cfg.methods.gcn_ve.batch_rows,
-        "methods.gcn-ve.batch_size": cfg.methods.gcn_ve.batch_size,
-        "methods.hard-clusters.density_k": cfg.methods.hard_clusters.density_k,
-        "methods.hard-clusters.density_sigma": cfg.methods.hard_clusters.density_sigma,
-        "methods.hard-clusters.eps": cfg.methods.hard_clusters.eps,
-        "methods.hard-clusters.max_iter": cfg.methods.hard_clusters.max_iter,
-        "methods.hard-clusters.tpdi_sigma": cfg.methods.hard_clusters.tpdi_sigma,
-        "methods.hard-clusters.batch_size": cfg.methods.hard_clusters.batch_size,
-        "methods.hard-clusters.halo_bytes": cfg.methods.hard_clusters.halo_bytes,
-        "methods.infomap.trials": cfg.methods.infomap.trials,
-        "methods.chinese-whispers.iterations": cfg.methods.chinese_whispers.iterations,
-        "methods.knn-dbscan.eps": cfg.methods.knn_dbscan.eps,
-        "methods.knn-dbscan.min_samples": cfg.methods.knn_dbscan.min_samples,
-        "methods.aro.neighbors": cfg.methods.aro.neighbors,
-        "methods.cdp.max_size": cfg.methods.cdp.max_size,
-        "methods.cdp.step": cfg.methods.cdp.step,
-        "methods.hac.max_rounds": cfg.methods.hac.max_rounds,
-        "methods.kmeans.niter": cfg.methods.kmeans.niter,
-        "methods.kmeans.nredo": cfg.methods.kmeans.nredo,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise InputError(f"config {key}", f"must be positive, got {value}")
-    non_negative = {
-        "seed": cfg.seed,
-        "knn.shards": cfg.knn.shards,
-        "knn.nlist": cfg.knn.nlist,
-        "knn.max_in_flight": cfg.knn.max_in_flight,
-        "knn.recall_sample": cfg.knn.recall_sample,
-        "cluster.partitions": cfg.cluster.partitions,
-        "methods.kmeans.n_clusters": cfg.methods.kmeans.n_clusters,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise InputError(f"config {key}", f"must be >= 0, got {value}")
-    if cfg.knn.k < 2:
-        raise InputError("config knn.k", f"must be >= 2 (self + 1 neighbour), got {cfg.knn.k}")
+            raise InputError(f"config {dotted}", f"must be one of {allowed}, got {shown(value)}")
+    for key, typ, value in numeric_fields(cfg):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                typ is int and not isinstance(value, int)):
+            expected = "an integer" if typ is int else "a number"
+            raise InputError(f"config {key}", f"expected {expected}, got {shown(value)}")
+        RANGES[key].check(f"config {key}", value)
     if cfg.knn.backend == "torch" and cfg.knn.index != "flat":
         raise InputError("config knn.backend", "torch searches exactly; it needs knn.index flat")
-    for key in ("methods.knn-cc.threshold", "methods.density-peak.tau", "methods.gcn-v.tau",
-                "methods.gcn-v.tau2", "methods.gcn-ve.tau", "methods.infomap.threshold",
-                "methods.chinese-whispers.threshold", "methods.cdp.threshold",
-                "methods.hac.threshold", "methods.kmeans.threshold"):
-        value = _get(cfg, key)
-        if value is not None and not -1.0 <= value <= 1.0:
-            raise InputError(f"config {key}", f"is a cosine similarity in [-1, 1], got {value}")
-    damping = cfg.methods.hard_clusters.damping
-    if not 0.0 <= damping < 1.0:
-        raise InputError("config methods.hard-clusters.damping",
-                         f"must be in [0, 1), got {damping}")
-    tau_hc = cfg.methods.hard_clusters.tau
-    if tau_hc is not None and not 0.0 <= tau_hc <= 2.0:
-        raise InputError("config methods.hard-clusters.tau",
-                         f"is a TPDi distance threshold in [0, 2], got {tau_hc}")
-    rho = cfg.methods.gcn_ve.rho
-    if rho is not None and not 0.0 <= rho <= 1.0:
-        raise InputError("config methods.gcn-ve.rho", f"is a share in [0, 1], got {rho}")
     return cfg
 
 
@@ -394,24 +639,51 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+def _read_config_file(path: str) -> str:
+    """The text of a local config file: one line naming the file for a missing file, a
+    directory, an unreadable, oversized or non-UTF-8 one."""
+    where = cut(path, 1024)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError(where, "config file not found") from None
+    except IsADirectoryError:
+        raise InputError(where, "config file is a directory; expected a YAML file") from None
+    except PermissionError:
+        raise InputError(where, "cannot read config file (permission denied)") from None
+    except OSError as exc:
+        raise InputError(where, f"cannot read config file ({exc.strerror or type(exc).__name__})"
+                         ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InputError(where, f"config file is larger than {MAX_CONFIG_BYTES // 1024} KiB "
+                                "(a config is a few kB of YAML)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(where, f"config file is not UTF-8 text (byte {exc.start} is "
+                                f"0x{data[exc.start]:02x})") from None
+
+
 def load_config(
     path: str | None = None, overrides: typing.Sequence[str] = (), base: Config | None = None
 ) -> Config:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, then validation."""
     cfg = base if base is not None else Config()
     if path:
+        text = _read_config_file(path)
+        where = cut(path, 1024)
         try:
-            with open(path, encoding="utf-8") as fh:
-                tree = yaml.safe_load(fh)
-        except FileNotFoundError:
-            raise InputError(path, "config file not found") from None
-        except yaml.YAMLError as exc:
-            raise InputError(path, f"not valid YAML ({exc.__class__.__name__})") from None
+            tree = _load_yaml(text, where)
+        except InputError:
+            raise
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer too long
+            raise InputError(where, f"not valid YAML ({exc.__class__.__name__})") from None
         if tree is not None:
-            _apply(cfg, tree, path)
+            _apply(cfg, tree, where)
     for item in overrides:
         if "=" not in item:
-            raise InputError("--set", f"expected key=value, got {item!r}")
+            raise InputError("--set", f"expected key=value, got {shown(item)}")
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), value.strip())
     return validate(cfg)
@@ -422,4 +694,3 @@ def config_from_dict(tree: dict) -> Config:
     cfg = Config()
     _apply(cfg, tree, "config")
     return validate(cfg)
-

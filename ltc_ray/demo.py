@@ -42,7 +42,7 @@ def demo_main(argv: Sequence[str]) -> int:
     for method in TUNED_METHODS:
         tuned = f"{args.runs}/{method}.yaml"
         tune_main(["--part", "0", *common, "--method", method, "--output-config", tuned,
-                   "--work-dir", train_work])
+                   "--overwrite", "--work-dir", train_work])
         runs[method] = ["--config", tuned]
     model = f"{args.runs}/gcn-v-model"
     train_main(["--method", "gcn-v", "--part", "0", *common, "--output", model, "--overwrite",

@@ -22,6 +22,25 @@ class InputError(ValueError):
         return (type(self), (self.where, self.problem))
 
 
+class WorkFileError(RuntimeError):
+    """A file the run wrote for itself (a kNN block, a stage result) is missing or damaged.
+
+    Not an :class:`InputError`: the user's input is fine, and a rerun of
+    the same command computes the file again (the stage's ``_DONE`` marker records each
+    artifact's size and sha256, which the rerun checks before reusing anything)."""
+
+    def __init__(self, where: str, problem: str):
+        self.where = where
+        self.problem = problem
+        super().__init__(
+            f"{where}: damaged work file ({problem}); rerun the same command (the job "
+            "that wrote it) to compute it again"
+        )
+
+    def __reduce__(self):  # picklable across Ray workers, like InputError
+        return (type(self), (self.where, self.problem))
+
+
 # Exceptions from these packages (and OSError) are storage failures: an endpoint that
 # cannot be reached, missing credentials, a denied permission.
 _STORAGE_PACKAGES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs"}

@@ -18,6 +18,8 @@ from _data import blobs, write_bin
 FOREIGN = "output directory holds files ltc-ray did not write"
 NOT_MANIFEST = "that is not an ltc-ray manifest; refusing to replace or remove anything"
 SYNTH = ("--parts", "1", "--scale", "0.0005")
+TUNE = ("--method", "knn-cc", "--features", "{d}/good.bin", "--labels", "{d}/good.meta",
+        "--dim", "16", "--set", "knn.k=10")
 
 # fmt: off
 CASES: list[Case] = [
@@ -94,6 +96,22 @@ CASES: list[Case] = [
     Case("outputs-train-locked", (*TRAIN, "--output", "{d}/outputs-locked"),
          "another job is writing to this output (run test-holder", "{d}/outputs-locked",
          job="train"),
+    Case("outputs-tune-config-over-user-file",
+         (*TUNE, "--output-config", "{d}/outputs-s/thesis.tex"),
+         "exists and was not written by jobs/tune.py; refusing to replace it whatever the flags",
+         "{d}/outputs-s/thesis.tex", job="tune"),
+    Case("outputs-tune-config-over-user-file-overwrite",
+         (*TUNE, "--output-config", "{d}/outputs-s/thesis.tex", "--overwrite"),
+         "exists and was not written by jobs/tune.py", "{d}/outputs-s/thesis.tex", job="tune"),
+    Case("outputs-tune-config-exists", (*TUNE, "--output-config", "{d}/outputs-tuned.yaml"),
+         "already holds a tuned config; pass --overwrite to replace it",
+         "{d}/outputs-tuned.yaml", job="tune"),
+    Case("outputs-tune-config-directory", (*TUNE, "--output-config", "{d}/outputs-s"),
+         "is a directory; --output-config names the YAML file to write", "{d}/outputs-s",
+         job="tune"),
+    Case("outputs-tune-config-is-labels", (*TUNE, "--output-config", "{d}/good.meta",
+                                           "--overwrite"),
+         "exists and was not written by jobs/tune.py", "{d}/good.meta", job="tune"),
     Case("outputs-synthetic-over-real-data", ("--data-root", "{d}/outputs-real", *SYNTH),
          "exists and was not written by make_synthetic (or changed since); refusing to "
          "replace it whatever the flags", "{d}/outputs-real/features/part1_test.bin",
@@ -160,6 +178,7 @@ def make_data(d: Path) -> None:
     (d / "outputs-locked" / "_LOCK").write_text(json.dumps({
         "run_id": "test-holder", "host": socket.gethostname(), "pid": os.getpid(),
         "started": time.time(), "heartbeat": time.time() + 3600}))
+    (d / "outputs-tuned.yaml").write_text("# tuned by jobs/tune.py on x: best 1\nmethod: knn-cc\n")
     write_bin(d / "outputs-real" / "features" / "part1_test.bin", x)
     for name in ("outputs-synthetic", "outputs-synthetic-edited"):
         make_benchmark(str(d / name), parts=(1,), scale=0.0005, seed=0, progress=False)

@@ -13,7 +13,7 @@ import re
 import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import _bad_files
@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _bad_common import D, K, N, S3_NO_CREDENTIALS, S3_UNREACHABLE, TRAIN, Case, _cluster
+from _bad_common import S3_NO_CREDENTIALS, S3_UNREACHABLE, TRAIN, Case, D, K, N, _cluster
 from _data import blobs, write_bin
 from conftest import PYTHON, REPO
 
@@ -142,6 +142,9 @@ CASES = [
          "cannot read weights: not a torch.save archive", "{d}/model-bad-weights/weights.pt"),
     Case("model-weights-pickle", _cluster("--method", "gcn-v", "--model", "{d}/model-pickle"),
          "cannot read weights: refused to unpickle", "{d}/model-pickle/weights.pt"),
+    Case("model-threshold-nan", _cluster("--method", "gcn-v", "--model", "{d}/model-nan-tau"),
+         "invalid model.json: thresholds must be finite numbers", "{d}/model-nan-tau"),
+    Case("flag-value-huge", _cluster("--num-cpus", "9" * 5000), "…", "cluster"),
     Case("hc-model-not-given", _cluster("--method", "hard-clusters"),
          "hard-clusters needs a model trained by jobs/train.py --method hard-clusters",
          "--model"),
@@ -154,7 +157,8 @@ CASES = [
     Case("output-complete", _cluster("--output", "{d}/finished"),
          "already holds a completed result (_SUCCESS); pass --overwrite", "{d}/finished"),
     Case("output-foreign", _cluster("--output", "{d}/someone-elses"),
-         "output directory is not empty and holds no ltc-ray result", "{d}/someone-elses"),
+         "output directory holds files ltc-ray did not write (e.g. 'thesis.tex')",
+         "{d}/someone-elses"),
     # --- flags, storage
     Case("storage-options-not-json", _cluster("--storage-options", "region=eu-west-1"),
          "is not valid JSON", "--storage-options"),
@@ -288,7 +292,7 @@ def data(tmp_path_factory) -> Path:
     _models(d)
     (d / "a-file").write_text("I am a file\n")
     (d / "finished").mkdir()
-    (d / "finished" / "_SUCCESS").write_text('{"rows": 1}\n')
+    (d / "finished" / "_SUCCESS").write_text('{"run_id": "r", "files": [], "rows": 0}\n')
     (d / "someone-elses").mkdir()
     (d / "someone-elses" / "thesis.tex").write_text("\\documentclass{article}\n")
     (d / "no-data").mkdir()
@@ -317,6 +321,10 @@ def _models(d: Path) -> None:
     bad_weights = d / "model-bad-weights"
     save_model(str(bad_weights), GCNV(D, 4), {"k": K})
     (bad_weights / "weights.pt").write_bytes(b"\x00garbage" * 64)
+    nan_tau = d / "model-nan-tau"
+    save_model(str(nan_tau), GCNV(D, 4), {"k": K, "thresholds": {"tau": 0.6}})
+    text = (nan_tau / "model.json").read_text()
+    (nan_tau / "model.json").write_text(text.replace('"tau": 0.6', '"tau": NaN'))
     pickled = d / "model-pickle"
     save_model(str(pickled), GCNV(D, 4), {"k": K})
     state = dict(GCNV(D, 4).state_dict())
@@ -378,11 +386,12 @@ def _run(case: Case, data: Path, tmp: Path) -> Run:
         args += ["--output", str(out)]
     flag = next((f for f in ("--output", "--output-config") if f in args), None)
     target = args[args.index(flag) + 1] if flag else str(out)
-    output = None if "://" in target else Path(target)
+    cwd = Path(case.cwd.format(**fill)) if case.cwd else REPO
+    output = None if "://" in target else cwd / target
     before = _snapshot(output) if output else None
     proc = subprocess.run(
         [PYTHON, str(REPO / "jobs" / f"{case.job}.py"), *args],
-        cwd=case.cwd.format(**fill) if case.cwd else REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,

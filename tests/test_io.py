@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import pickle
 import uuid
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ltc_ray.errors import InputError
+from ltc_ray.errors import InputError, WorkFileError
 from ltc_ray.io import (
     BENCHMARK_PARTS,
     FeatureInfo,
@@ -568,10 +570,11 @@ def test_knn_block_errors(tmp_path):
     obj = np.empty(2, dtype=object)
     uri = str(tmp_path / "pickled.npz")
     np.savez(uri, ids=obj, sims=np.zeros((2, 1), np.float32), start=np.int64(0))
-    with pytest.raises(InputError, match="pickled arrays are refused"):
+    # a block is the run's own work file: damage is never blamed on the user's input
+    with pytest.raises(WorkFileError, match="pickled arrays are refused"):
         load_knn_block(uri)
     np.savez(str(tmp_path / "partial.npz"), ids=np.zeros((2, 1), np.int32))
-    with pytest.raises(InputError, match=r"lacks arrays \['sims', 'start'\]"):
+    with pytest.raises(WorkFileError, match=r"lacks arrays \['sims', 'start'\]"):
         load_knn_block(str(tmp_path / "partial.npz"))
 
 
@@ -678,3 +681,285 @@ def test_s3_features_labels_and_knn_with_storage_options(s3_options, rng):
 
     with pytest.raises(InputError, match="not found"):
         inspect_features(join_uri(root, "missing.bin"), storage_options=s3_options)
+
+
+# ---------------------------------------------------------------- input file contents (issue 13)
+
+
+def _write_ltc(path, arr: np.ndarray, saver=np.savez) -> str:
+    saver(str(path), data=arr)
+    return str(path)
+
+
+def test_ltc_knn_similarities_outside_unit_range_or_not_finite_name_the_first_bad_row(
+    tmp_path, rng
+):
+    """1 - distance must be a cosine similarity: a file with similarities above 1 (or
+    distances NaN/Inf) is refused, naming the file and the first bad row in any block."""
+    cases = [
+        (-0.5, r"row 23: distance -0.5 gives similarity 1.5, outside \[-1, 1\]"),
+        (2.25, r"row 23: distance 2.25 gives similarity -1.25, outside \[-1, 1\]"),
+        (np.nan, "row 23: distance nan is not finite"),
+        (np.inf, "row 23: distance inf is not finite"),
+        (-np.inf, "row 23: distance -inf is not finite"),
+    ]
+    for value, message in cases:
+        arr = ltc_knn_array(rng, 40, 5)
+        arr[23, 1, 3] = value
+        arr[31, 1, 1] = -3.0  # a later bad row: the first one is named
+        uri = _write_ltc(tmp_path / "bad.npz", arr)
+        with pytest.raises(InputError, match=message) as err:
+            collect(iter_ltc_knn(uri, block_rows=8))
+        assert err.value.where == uri and "\n" not in str(err.value)
+    arr = ltc_knn_array(rng, 40, 5)
+    arr[6, 0, 2] = -2.0  # only -1 marks an empty slot
+    with pytest.raises(InputError, match=r"row 6: neighbour id -2.0 is not an integer in \[0, 40"):
+        collect(iter_ltc_knn(_write_ltc(tmp_path / "ids.npz", arr)))
+
+
+def test_ltc_knn_rounding_is_clipped_and_empty_slots_are_kept(tmp_path, rng):
+    """Float rounding within 1e-5 of [-1, 1] is clipped into it; id -1 is an empty slot
+    (as our export writes it: distance inf) and reads back as id -1, similarity -inf."""
+    arr = ltc_knn_array(rng, 20, 4, np.float32)
+    arr[:, 1, 0] = -4e-6  # self at distance ~0: similarity 1.000004
+    arr[3, 1, 2] = 2.0 + 4e-6
+    arr[5, 0, 3], arr[5, 1, 3] = -1.0, np.inf
+    _, ids, sims = collect(iter_ltc_knn(_write_ltc(tmp_path / "ok.npz", arr), block_rows=6))
+    assert sims.dtype == np.float32 and (sims[:, 0] == 1.0).all() and sims[3, 2] == -1.0
+    assert ids[5, 3] == -1 and sims[5, 3] == -np.inf
+    finite = np.isfinite(sims)
+    assert (np.abs(sims[finite]) <= 1.0).all()
+
+
+def test_ltc_knn_corrupt_archives_are_input_errors(tmp_path, rng):
+    """A corrupt deflate stream, a member whose bytes changed (CRC) or that ends early is
+    one InputError naming the file, found while reading the header or the rows."""
+    from _bad_files import _corrupt, _member_data_offset
+
+    arr = ltc_knn_array(rng, 64, 5)
+    deflate = tmp_path / "deflate.npz"
+    np.savez_compressed(deflate, data=arr)
+    _corrupt(deflate, _member_data_offset(deflate) + 4, 16)
+    with pytest.raises(InputError, match=r"corrupt \.npz \(Error -3 while decompressing"):
+        collect(iter_ltc_knn(str(deflate)))
+    crc = tmp_path / "crc.npz"
+    np.savez(crc, data=arr)
+    _corrupt(crc, _member_data_offset(crc) + 128 + 8 * 200, 8)  # an id in row 10's bytes
+    with pytest.raises(InputError, match="row 10|Bad CRC-32") as err:
+        collect(iter_ltc_knn(str(crc)))
+    assert err.value.where == str(crc)
+    short = tmp_path / "short.npz"
+    with zipfile.ZipFile(short, "w") as zf:  # the header promises 64 rows, 30 are stored
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        zf.writestr("data.npy", buf.getvalue()[: 128 + 30 * 2 * 5 * 8])
+    with pytest.raises(InputError, match="array 'data' is truncated"):
+        collect(iter_ltc_knn(str(short)))
+
+
+class _CountingStream:
+    """A stream that records how many bytes were asked of it."""
+
+    def __init__(self, data: bytes):
+        self.inner = io.BytesIO(data)
+        self.read_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = self.inner.read(n)
+        self.read_bytes += len(out)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (-4, 3), }", "negative dimension"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, -3), }", "negative dimension"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (10**30, 3), }", "invalid .npy"),
+        (f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({10**30}, 3), }}", "absurd shape"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), ", "not a Python literal"),
+        ("('descr', '<f4')", "Header is not a dictionary"),
+        ("{'descr': '" + "z" * 500 + "', 'fortran_order': False, 'shape': (4, 3), }",
+         "descr is not a valid dtype descriptor"),
+        ("{'descr': '<f4', 'fortran_order': 'no', 'shape': (4, 3), }", "fortran_order"),
+        ("{'descr': '<f4', 'fortran_order': True, 'shape': (4, 3), }", "Fortran-order"),
+        ("{'descr': '<U3', 'fortran_order': False, 'shape': (4, 3), }", "dtype <U3 not supp"),
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), 'x': '" + "a" * 12000 + "'}",
+         "more than 10000"),
+    ],
+    ids=["neg-rows", "neg-dim", "expression", "absurd", "syntax", "tuple", "long-descr",
+         "fortran-str", "fortran", "unicode", "oversized"],
+)
+def test_npy_headers_that_lie_are_one_bounded_line(tmp_path, header, message):
+    from _bad_files import _npy_bytes
+
+    uri = put(str(tmp_path / "x.npy"), _npy_bytes(header, version=2, payload=bytes(48)))
+    with pytest.raises(InputError, match=message) as err:
+        inspect_features(uri)
+    assert err.value.where == uri
+    assert "\n" not in err.value.problem and len(err.value.problem) < 160
+
+
+def test_npy_header_length_is_checked_before_the_header_is_read():
+    """A length field of 4 GiB (in a zip member, or a huge file) is refused having read
+    12 bytes, not 4 GiB."""
+    from ltc_ray.io.features import parse_npy_header
+
+    stream = _CountingStream(b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{" * 50)
+    with pytest.raises(InputError, match=r"header of 4294967295 bytes, more than 10000"):
+        parse_npy_header(stream, "x.npy", "invalid .npy header")
+    assert stream.read_bytes == 12
+
+
+def test_parquet_column_names_must_be_unique(tmp_path, rng):
+    x = feats(rng, 6, 3)
+    emb = embedding_table(x, fixed=True).column("embedding")
+    ids = pa.array(np.arange(6))
+    for names, column in ((["embedding", "embedding"], "embedding"), (["embedding", "id", "id"],
+                                                                     "id")):
+        arrays = [emb if n == "embedding" else ids for n in names]
+        uri = write_parquet(str(tmp_path / f"dup-{column}.parquet"),
+                            pa.Table.from_arrays(arrays, names=names), 10)
+        with pytest.raises(InputError, match=f"column '{column}' appears 2 times") as err:
+            inspect_features(uri)
+        assert err.value.where == uri
+    # a duplicate among columns ltc-ray does not read is fine
+    other = pa.Table.from_arrays([emb, ids, ids], names=["embedding", "note", "note"])
+    info = inspect_features(write_parquet(str(tmp_path / "other.parquet"), other, 10))
+    assert (info.n_rows, info.dim, info.has_ids) == (6, 3, False)
+
+
+def _corrupt_row_group(path, row_group: int) -> None:
+    """Overwrite the first page header of one row group: footer and other groups intact."""
+    from _bad_files import _corrupt
+
+    offset = pq.ParquetFile(str(path)).metadata.row_group(row_group).column(0).data_page_offset
+    _corrupt(path, offset, 32)
+
+
+def test_corrupt_parquet_pages_are_input_errors_in_every_reader(tmp_path, rng):
+    x = feats(rng, 120, 4)
+    path = tmp_path / "corrupt.parquet"
+    write_parquet(str(path), embedding_table(x, fixed=False, ids=np.arange(120)), 20)
+    _corrupt_row_group(path, 3)
+    info = inspect_features(str(path))  # the footer and row 0 are fine
+    np.testing.assert_allclose(read_features(info, 0, 60), unit_rows(x[:60]), atol=1e-6)
+    for read in (lambda: scan_features(info, 0, 120, chunk_rows=50),
+                 lambda: read_features(info, 55, 70),
+                 lambda: read_features(pickle.loads(pickle.dumps(info)), 60, 80)):
+        with pytest.raises(InputError, match=r"corrupt Parquet file \(Couldn't deserialize") as err:
+            read()
+        assert err.value.where == str(path) and "\n" not in str(err.value)
+    half = tmp_path / "half.parquet"
+    half.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        inspect_features(str(half))
+
+
+def test_parquet_storage_failures_are_not_mistaken_for_corrupt_files():
+    """Only Arrow's own errors (and its bare errno-less OSError) mean corrupt bytes; a
+    storage failure keeps its type so a Ray task retries it and the CLI reports it as such."""
+    from ltc_ray.io.features import _is_parquet_format_error
+
+    assert _is_parquet_format_error(pa.ArrowInvalid("bad page"))
+    assert _is_parquet_format_error(OSError("Couldn't deserialize thrift"))
+    assert not _is_parquet_format_error(OSError(5, "Input/output error"))
+    assert not _is_parquet_format_error(ConnectionError("reset by peer"))
+    assert not _is_parquet_format_error(PermissionError("denied"))
+    assert not _is_parquet_format_error(ValueError("a bug"))
+
+
+def _parts(tmp_path, rng, sizes=(7, 5, 9)):
+    from ltc_ray.io.features import write_feature_part
+
+    x = feats(rng, sum(sizes), 6)
+    starts = np.cumsum((0, *sizes))
+    parts = [write_feature_part(str(tmp_path), i, int(starts[i]), x[starts[i] : starts[i + 1]])
+             for i in range(len(sizes))]
+    return x, parts
+
+
+def test_parts_manifest_is_an_internal_format(tmp_path, rng):
+    """`*.parts.json` is what a run writes for itself: refused as a user's --features,
+    read back only with ``internal_parts=True``."""
+    from ltc_ray.io.features import write_parts_manifest
+
+    x, parts = _parts(tmp_path, rng)
+    uri = str(tmp_path / "features.parts.json")
+    write_parts_manifest(uri, 6, parts)
+    with pytest.raises(InputError, match="is an internal ltc-ray format") as err:
+        inspect_features(uri)
+    assert err.value.where == uri
+    info = inspect_features(uri, internal_parts=True)
+    assert (info.format, info.n_rows, info.dim) == ("parts", 21, 6)
+    np.testing.assert_allclose(read_features(info, 0, 21), unit_rows(x), atol=1e-6)
+    np.testing.assert_array_equal(read_features(info, 5, 15, normalize=False), x[5:15])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["parts"].pop(1), r"parts do not tile \[0, 21\): part \[12, 21\) after row 7"),
+        (lambda m: m["parts"][1].update(start=5), r"part \[5, 12\) after row 7"),
+        (lambda m: m.update(n_rows=30), r"parts cover \[0, 21\), the manifest says 30 rows"),
+        (lambda m: m.update(n_rows=15), r"parts cover \[0, 21\), the manifest says 15 rows"),
+        (lambda m: m["parts"][0].update(file="../outside.npy"), "outside the manifest's directory"),
+        (lambda m: m["parts"][0].update(file="/etc/passwd"), "outside the manifest's directory"),
+        (lambda m: m["parts"][0].update(file="s3://bucket/x.npy"), "is not a relative path"),
+        (lambda m: m["parts"][0].update(file="sub/../../x.npy"), "outside the manifest's"),
+        (lambda m: m["parts"][2].update(stop=16), r"part \[12, 16\)|parts cover \[0, 16\)"),
+        (lambda m: m.update(dim=0), "dim must be an integer >= 1"),
+        (lambda m: m["parts"][0].update(header_bytes=-1), "header_bytes must be an integer"),
+        (lambda m: m.update(parts=[]), "no parts"),
+    ],
+    ids=["gap", "overlap", "short", "long", "dotdot", "absolute", "scheme", "nested-dotdot",
+         "part-short", "dim", "header", "empty"],
+)
+def test_parts_manifest_must_tile_the_rows_from_its_own_directory(tmp_path, rng, edit, message):
+    import json
+
+    from ltc_ray.io.features import write_parts_manifest
+
+    _, parts = _parts(tmp_path, rng)
+    uri = str(tmp_path / "features.parts.json")
+    write_parts_manifest(uri, 6, parts)
+    manifest = json.loads((tmp_path / "features.parts.json").read_text())
+    edit(manifest)
+    (tmp_path / "features.parts.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=message) as err:
+        inspect_features(uri, internal_parts=True)
+    assert err.value.where == uri and "invalid feature-parts manifest" in err.value.problem
+
+
+def test_corrupt_parquet_above_the_driver_scan_is_named_by_the_ray_scan(
+    ray_local, tmp_path, capsys, monkeypatch
+):
+    """A corrupt Parquet too large for the driver's scan (> 4 MiB) is found by the
+    parallel Ray scan: exit 2, one error line naming the file, no traceback, no output."""
+    from _data import blobs
+
+    from ltc_ray.cli import main
+    from ltc_ray.config import load_config
+    from ltc_ray.pipeline.job import DRIVER_SCAN_MAX_BYTES, JobSpec, driver_scans
+
+    d = 16
+    n = DRIVER_SCAN_MAX_BYTES // (4 * d) + 2000
+    x, _ = blobs(n_per=n // 10, n_clusters=10, dim=d, spread=0.5, seed=2)
+    path = tmp_path / "big.parquet"
+    write_parquet(str(path), embedding_table(x, fixed=False), 8192)
+    groups = pq.ParquetFile(str(path)).metadata.num_row_groups
+    _corrupt_row_group(path, groups // 2)
+    spec = JobSpec(features=str(path), output="unused", config=load_config(None, []))
+    assert driver_scans(spec, inspect_features(str(path))) == set()  # the Ray path
+    out = tmp_path / "out"
+    # the CLI's log handler writes to the stderr of the test that first installed it
+    monkeypatch.setattr(logging.getLogger("ltc_ray"), "handlers", [])
+    capsys.readouterr()
+    code = main(["cluster", "--features", str(path), "--set", "knn.k=10", "--output", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: corrupt Parquet file ("), err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not (tmp_path / "out.work" / "knn").exists()  # refused before the kNN

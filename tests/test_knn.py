@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import faiss
 import numpy as np
 import pytest
@@ -238,3 +240,89 @@ def test_ivf_reports_measured_recall(ray_local, knn_data, tmp_path):
     # the reported number agrees with recall measured here over all rows (within sampling noise)
     overall = recall_at_k(ids.astype(np.int64), ref_ids)
     assert abs(overall - recall) < 0.1, (overall, recall, start)
+
+
+# ------------------------------------------------------------------ precomputed kNN import
+
+
+@pytest.fixture(scope="module")
+def ltc_files(tmp_path_factory):
+    """600 x 32 features and learn-to-cluster kNN files of k = 30 over them: sorted as
+    faiss writes them, the same with every row's columns shuffled, and one whose
+    "distances" give similarities above 1."""
+    from ltc_ray.io.knn_files import write_ltc_knn
+
+    d = tmp_path_factory.mktemp("ltc-import")
+    x, labels = blobs(n_per=50, n_clusters=12, dim=32, spread=0.5, seed=3)
+    write_bin(d / "f.bin", x, labels)
+    xn = _unit(x)
+    ids, sims = exact_knn(xn, 30)
+    write_ltc_knn(str(d / "sorted.npz"), len(x), 30, [(ids, sims)])
+    perm = np.argsort(np.random.default_rng(0).random(ids.shape), axis=1)
+    shuffled_ids = np.take_along_axis(ids, perm, axis=1)
+    write_ltc_knn(str(d / "shuffled.npz"), len(x), 30,
+                  [(shuffled_ids, np.take_along_axis(sims, perm, axis=1))])
+    # the shuffle matters: the first 10 columns are not the 10 nearest
+    assert (np.sort(shuffled_ids[:, :10]) != np.sort(ids[:, :10])).any(axis=1).mean() > 0.9
+    above = sims.copy()
+    above[:, 1:] += 0.8
+    write_ltc_knn(str(d / "above1.npz"), len(x), 30, [(ids, above)])
+    return d, xn
+
+
+def test_unsorted_ltc_knn_imports_as_the_sorted_one(ray_local, ltc_files, tmp_path):
+    """Each row is sorted by similarity before the first k are kept: a file with shuffled
+    columns gives the same graph as the sorted file, which is the exact top-k."""
+    from ltc_ray.pipeline.knn_stage import import_ltc_knn
+
+    d, xn = ltc_files
+    info = inspect_features(str(d / "f.bin"), dim=32)
+    cfg = KnnConfig(k=10, block_rows=256)
+    graphs = []
+    for name in ("sorted", "shuffled"):
+        manifest, _ = import_ltc_knn(str(d / f"{name}.npz"), info, cfg, str(tmp_path / name))
+        graphs.append(read_knn_rows(manifest, 0, info.n_rows))
+    np.testing.assert_array_equal(graphs[0][0], graphs[1][0])
+    np.testing.assert_array_equal(graphs[0][1], graphs[1][1])
+    ref_ids, ref_sims = exact_knn(xn, 10)
+    np.testing.assert_array_equal(graphs[1][0], ref_ids)
+    np.testing.assert_allclose(graphs[1][1], ref_sims, atol=1e-6)
+    assert (graphs[1][0][:, 0] == np.arange(info.n_rows)).all()
+
+
+def test_unsorted_ltc_knn_gives_the_clean_files_clusters(ray_local, ltc_files, tmp_path):
+    from ltc_ray.cli import main
+    from ltc_ray.io.output import read_clusters
+
+    d, _ = ltc_files
+    common = ["cluster", "--features", str(d / "f.bin"), "--dim", "32", "--set", "knn.k=10"]
+    clusters = []
+    for name in ("sorted", "shuffled"):
+        out = tmp_path / name
+        assert main([*common, "--knn", str(d / f"{name}.npz"), "--output", str(out)]) == 0
+        clusters.append(read_clusters(str(out)).column("cluster_id").to_numpy())
+    np.testing.assert_array_equal(clusters[0], clusters[1])
+
+
+def test_ltc_knn_similarities_above_one_exit_2_from_the_ray_worker(
+    ray_local, ltc_files, tmp_path, capsys, monkeypatch
+):
+    """The content check runs where the file is converted, in a Ray task; its InputError
+    reaches the CLI through Ray: exit 2, the error line names the file and the row."""
+    from ltc_ray.cli import main
+
+    d, _ = ltc_files
+    out = tmp_path / "out"
+    # the CLI's log handler writes to the stderr of the test that first installed it
+    monkeypatch.setattr(logging.getLogger("ltc_ray"), "handlers", [])
+    capsys.readouterr()
+    code = main(["cluster", "--features", str(d / "f.bin"), "--dim", "32", "--set", "knn.k=10",
+                 "--knn", str(d / "above1.npz"), "--output", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err[-3000:]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {d / 'above1.npz'}: row 0: distance ")
+    assert "outside [-1, 1]" in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()

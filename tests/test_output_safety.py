@@ -79,6 +79,15 @@ def test_overwrite_removes_only_the_files_the_result_listed(ray_local, feats, tm
     assert main(_args(feats, out, "--overwrite")) == 2
     assert "holds files ltc-ray did not write (e.g. 'notes.txt')" in capsys.readouterr().err
     assert _files(out) == before
+    # a forged manifest cannot adopt a user's file: only names ltc-ray writes count
+    (out / "notes.txt").rename(out / "clusters" / "notes.txt")
+    forged = _manifest(out)
+    forged["files"].append({"path": "clusters/notes.txt", "rows": None, "bytes": 5})
+    (out / SUCCESS).write_text(json.dumps(forged))
+    before = _files(out)
+    assert main(_args(feats, out, "--overwrite")) == 2
+    assert "(e.g. 'clusters/notes.txt')" in capsys.readouterr().err
+    assert _files(out) == before
 
 
 def test_a_commit_killed_midway_is_finished_by_the_rerun(ray_local, feats, tmp_path, capsys,

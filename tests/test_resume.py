@@ -6,7 +6,15 @@
   mid-inference: the job (a subprocess with its own local Ray) restarts the actor, retries
   its calls and writes the same clusters as an undisturbed run;
 - SIGKILL of the driver mid-link: rerunning the same command reuses plan, kNN and score,
-  recomputes only link onwards, and gives the same clusters.
+  recomputes only link onwards, and gives the same clusters;
+- inputs are keyed by their version everywhere (issue 13): a ``--knn`` file replaced in
+  place (same size and mtime) is imported again, a small input's version is its content
+  hash, and deleting ``stages/knn/_DONE`` recomputes the kNN;
+- resume heals (issue 13): after deleting, truncating or flipping bytes of random work
+  files (stage arrays, ``_DONE`` markers, kNN blocks and manifests, the re-scored and
+  feature-pass graphs, node features), the same command recomputes exactly the stage that
+  owned the damaged file and gives the clean run's clusters; damage found while loading is
+  a WorkFileError (not bad input) that drops the marker vouching for the file.
 
 The kills land mid-stage thanks to the test-only ``LTC_RAY_TEST_STAGE_DELAY`` hook
 (``ltc_ray.pipeline.stages.delay_for_tests``), which slows the named stage's workers down.
@@ -14,6 +22,7 @@ The kills land mid-stage thanks to the test-only ``LTC_RAY_TEST_STAGE_DELAY`` ho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -25,12 +34,22 @@ import numpy as np
 import psutil
 import pytest
 from _data import blobs, write_bin
-from _models import tiny_gcn_v
+from _models import tiny_gcn_v, tiny_hard_clusters
 from conftest import PYTHON, REPO
 
 from ltc_ray.cli import main
+from ltc_ray.errors import InputError
+from ltc_ray.io.knn_files import WorkFileError, load_knn_block, save_knn_block
 from ltc_ray.io.output import read_clusters
-from ltc_ray.pipeline.stages import DELAY_ENV
+from ltc_ray.pipeline.stages import (
+    DELAY_ENV,
+    SMALL_INPUT_BYTES,
+    StageStore,
+    load_array,
+    load_npy,
+    save_npy,
+    uri_version,
+)
 
 K = 10
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
@@ -271,3 +290,199 @@ def test_driver_killed_mid_run_resumes(ray_local, feats, tmp_path, capsys):
     assert run["reused_stages"] == ["plan", "knn", "score"]
     assert "skipped" not in run["stages"]["link"]
     _assert_same(_clusters(tmp_path / "ref"), _clusters(tmp_path / "out"))
+
+
+# ------------------------------------------------------------------ inputs keyed by version
+def test_small_input_rewritten_in_place_gets_a_new_version(tmp_path):
+    path = tmp_path / "labels.meta"
+    path.write_bytes(b"1\n2\n3\n")
+    before, stat = uri_version(str(path)), path.stat()
+    with open(path, "r+b") as fh:  # same inode, same size, mtime put back
+        fh.write(b"3\n2\n1\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert uri_version(str(path)) != before
+    # the version of a small file is its content's hash, whatever its mtime or inode say
+    assert uri_version(str(path)) == "sha256:" + hashlib.sha256(b"3\n2\n1\n").hexdigest()[:32]
+    big = tmp_path / "big.bin"  # past the content-hash limit: the storage's token, no read
+    with open(big, "wb") as fh:
+        fh.truncate(SMALL_INPUT_BYTES + 1)
+    assert not uri_version(str(big)).startswith("sha256:")
+    assert uri_version(str(tmp_path / "absent")) is None and uri_version(None) is None
+
+
+def _ltc_npz(path: Path, ids: np.ndarray, sims: np.ndarray) -> None:
+    """A learn-to-cluster kNN file, uncompressed: any graph of the same N and k has the
+    same size, so a replacement can keep size and mtime."""
+    data = np.empty((len(ids), 2, ids.shape[1]))
+    data[:, 0], data[:, 1] = ids, 1.0 - sims
+    np.savez(path, data=data)
+
+
+def test_knn_file_replaced_in_place_is_imported_again(ray_local, feats, tmp_path, capsys):
+    x = np.fromfile(feats, dtype="<f4").reshape(-1, 32).astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cos = x @ x.T
+    ids = np.argsort(-cos, axis=1, kind="stable")[:, :K]
+    knn = tmp_path / "faiss_k_10.npz"
+    _ltc_npz(knn, ids, np.take_along_axis(cos, ids, axis=1))
+    work = tmp_path / "w"
+
+    def run(name: str, work_dir: Path = work) -> dict:
+        return _in_process(capsys, *_args(feats, "knn-cc", tmp_path / name, work_dir,
+                                          "--knn", str(knn)))  # fmt: skip
+
+    first = run("a")
+    assert first["knn_source"] == "imported" and first["n_clusters"] == 20
+    # another graph (a ring: every sample linked to the next ones) over the same N and k,
+    # written into the same file: same inode, same size, mtime put back
+    n, stat = len(x), knn.stat()
+    ring = (np.arange(n)[:, None] + np.arange(K)) % n
+    other = tmp_path / "ring.npz"
+    _ltc_npz(other, ring, np.tile(np.linspace(1.0, 0.95, K), (n, 1)))
+    assert other.stat().st_size == stat.st_size
+    with open(knn, "r+b") as fh:
+        fh.write(other.read_bytes())
+    os.utime(knn, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = run("b")
+    assert again["reused_stages"] == ["plan"]  # the graph and all after it: new
+    assert again["knn_source"] == "imported" and again["n_clusters"] == 1
+    fresh = run("c", tmp_path / "w-fresh")
+    assert fresh["reused_stages"] == []
+    _assert_same(_clusters(tmp_path / "b"), _clusters(tmp_path / "c"))
+
+
+def test_deleting_the_knn_marker_recomputes_the_knn(ray_local, feats, tmp_path, capsys):
+    work = tmp_path / "w"
+    first = _in_process(capsys, *_args(feats, "knn-cc", tmp_path / "a", work))
+    (work / "stages" / "knn" / "_DONE").unlink()
+    again = _in_process(capsys, *_args(feats, "knn-cc", tmp_path / "b", work))
+    assert "knn" not in again["reused_stages"] and not again["stages"]["knn"].get("skipped")
+    assert again["stages"]["knn"]["search_seconds"] >= 0  # it searched
+    assert again["reused_stages"] == ["plan", "score", "link"]  # same graph: same keys after
+    assert again["stage_fingerprints"] == first["stage_fingerprints"]
+    assert _output_bytes(tmp_path / "b") == _output_bytes(tmp_path / "a")
+
+
+# ------------------------------------------------------------------ resume heals
+DAMAGES = ("delete", "truncate", "flip")
+STAGE_ORDER = ("plan", "knn", "score", "knn_features", "link")
+
+
+def _damage(path: Path, how: str) -> None:
+    """Delete, truncate to half, or flip 4 bytes in the middle keeping the size."""
+    data = bytearray(path.read_bytes())
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        mid = len(data) // 2
+        data[mid: mid + 4] = bytes(b ^ 0xFF for b in data[mid: mid + 4])
+        path.write_bytes(data)
+
+
+def _owner(rel: Path) -> str | None:
+    """The stage whose marker vouches for a work file (None: nothing reads it back)."""
+    top = rel.parts[0]
+    if top == "stages":
+        return None if rel.parts[1] == "write" else rel.parts[1]
+    if top.startswith(("knn-features-", "knn-input-")):
+        return "knn_features"
+    return {"knn": "knn", "knn-rescored": "score", "node-features": "score"}[top]
+
+
+def _work_files(work: Path) -> list[Path]:
+    return sorted(p.relative_to(work) for p in work.rglob("*") if p.is_file())
+
+
+def _check_heals(capsys, feats, tmp_path, method: str, flags: tuple, pick) -> None:
+    """A clean run, then for each round of ``[(work file, damage), ...]`` that
+    ``pick(work files)`` returns: damage them, rerun the same command, and expect exit 0,
+    the clean run's clusters, and only the stages that owned the files recomputed."""
+    work = tmp_path / "w"
+    clean = _in_process(capsys, *_args(feats, method, tmp_path / "clean", work, *flags))
+    expected = _clusters(tmp_path / "clean")
+    all_stages = [s for s in STAGE_ORDER if s in clean["stage_fingerprints"]]
+    files = _work_files(work)
+    for i, damages in enumerate(pick(files)):
+        for rel, how in damages:
+            _damage(work / rel, how)
+        out = tmp_path / f"rerun-{i}"
+        run = _in_process(capsys, *_args(feats, method, out, work, *flags))
+        owners = {_owner(rel) for rel, _ in damages}
+        assert run["reused_stages"] == [s for s in all_stages if s not in owners], damages
+        _assert_same(expected, _clusters(out))
+        assert _work_files(work) == files, damages  # healed: every file is back
+
+
+def test_random_work_file_damage_heals(ray_local, feats, tmp_path, capsys):
+    """knn-cc: every work file of a complete run (stage arrays, every _DONE marker, the kNN
+    blocks and manifest), in a random order, each deleted, truncated or flipped."""
+    rng = np.random.default_rng(13)
+
+    def pick(files: list[Path]) -> list[list[tuple[Path, str]]]:
+        assert {f.parts[0] for f in files} == {"knn", "stages"} and len(files) >= 12
+        hows = rng.permutation(np.resize(DAMAGES, len(files)))
+        return [[(files[i], str(how))] for i, how in zip(rng.permutation(len(files)), hows,
+                                                          strict=True)]  # fmt: skip
+
+    _check_heals(capsys, feats, tmp_path, "knn-cc", (), pick)
+
+
+@pytest.mark.parametrize("method", ["gcn-v-feature-pass", "hard-clusters"])
+def test_damaged_second_graph_or_node_features_heal(method, ray_local, feats, tmp_path, capsys):
+    """The graphs a method writes besides the kNN: GCN-V's node features and its
+    feature-pass kNN graph, hard-clusters' re-scored graph. (Two files damaged in one
+    rerun, to keep the learned methods' runs few.)"""
+    rng = np.random.default_rng(14)
+    if method == "hard-clusters":
+        flags = ("--model", tiny_hard_clusters(tmp_path / "model", 32, K))
+        graphs = ("knn-rescored",)
+    else:
+        flags = ("--model", tiny_gcn_v(tmp_path / "model", 32, K),
+                 "--set", "methods.gcn-v.feature_pass=true")  # fmt: skip
+        graphs = (f"knn-features-k{K}", "node-features")
+
+    def pick(files: list[Path]) -> list[list[tuple[Path, str]]]:
+        own = [[f for f in files if f.parts[0] == graph] for graph in graphs]
+        assert all(own), files
+        if len(own) == 1:  # two files of the one graph
+            chosen = [own[0][i] for i in rng.choice(len(own[0]), size=2, replace=False)]
+        else:  # one file of each: both stages heal in the same rerun
+            chosen = [group[int(rng.integers(len(group)))] for group in own]
+        hows = rng.choice(DAMAGES, size=2, replace=False)
+        return [[(f, str(how)) for f, how in zip(chosen, hows, strict=True)]]
+
+    cli_method = "gcn-v" if method.startswith("gcn-v") else method
+    _check_heals(capsys, feats, tmp_path, cli_method, flags, pick)
+
+
+def test_damage_found_while_loading_is_a_work_file_error(ray_local, tmp_path):
+    """The backstop behind the resume checks: a file damaged after them."""
+    store = StageStore(str(tmp_path / "w"))
+    uri = store.uri("link", "cluster_id.npy")
+    size, sha = save_npy(uri, np.arange(100))
+    store.finish("link", "fp", {}, artifacts={uri: (size, sha)})
+    assert store.completed("link", "fp")["artifacts"][uri] == {"bytes": size, "sha256": sha}
+    _damage(Path(uri), "flip")
+    with pytest.raises(WorkFileError, match="damaged work file .* rerun the same command") as err:
+        load_npy(uri, sha256=sha)
+    assert not isinstance(err.value, InputError)  # exit 1, never "bad input" (exit 2)
+    # a reused stage whose load fails drops its marker, so it is computed again
+    assert not store.loads_intact("link", [load_array.remote(uri, None, sha)])
+    assert store.completed("link", "fp") is None
+    # a kNN block: unreadable is a WorkFileError; a reader that blames "the input" for a
+    # file under the work directory is turned into one, and the owning marker is dropped
+    block = str(tmp_path / "w" / "knn" / "block-000000.npz")
+    digest = save_knn_block(block, np.zeros((4, 2), np.int32), np.ones((4, 2)), 0)
+    store.finish("knn", "fp", {}, artifacts={block: digest})
+    _damage(Path(block), "truncate")
+    with pytest.raises(WorkFileError, match="not a readable kNN block"):
+        load_knn_block(block)
+    with pytest.raises(WorkFileError, match="truncated"), store.heals():
+        raise InputError(block, "file is truncated")
+    assert not (tmp_path / "w" / "stages" / "knn" / "_DONE").exists()
+    user_file = str(tmp_path / "feats.bin")  # the user's own input stays an InputError
+    with pytest.raises(InputError, match="bad rows"), store.heals():
+        raise InputError(user_file, "bad rows")

@@ -199,7 +199,14 @@ class CDP(WholeGraphMethod):
     component larger than ``max_size`` is re-cut with its threshold raised by ``step``
     (only its own edges), repeatedly, until all fit (nodes of a component still too big
     at cosine 1 become singletons). Unlike learn-to-cluster's super-vertex proposals
-    (overlapping), the result is a partition."""
+    (overlapping), the result is a partition.
+
+    The thresholds are ``round(threshold + i * step, 6)``, i = 1, 2, ...; a pass whose
+    threshold would drop no edge of a big component changes nothing, so it is skipped
+    (i jumps to the first threshold above the weakest edge left): i grows every pass, so
+    the loop ends after at most (1 - threshold) / step + 1 passes and, for a step that
+    the rounding resolves, one per distinct edge similarity (a step below 1e-6 used to
+    repeat one rounded threshold forever; config refuses steps below 1e-4)."""
 
     name = "cdp"
     params_key = "cdp"
@@ -208,15 +215,27 @@ class CDP(WholeGraphMethod):
     def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
         n = len(knn_ids)
         p = self.params
-        src, dst, sim = knn_edges(knn_ids, knn_sims, p.threshold)
+        th0, step = float(p.threshold), float(p.step)
+        src, dst, sim = knn_edges(knn_ids, knn_sims, th0)
         labels = components(n, src, dst)
-        th = p.threshold
+        # the first pass above cosine 1 (+ float slack): the rest become singletons there
+        last = max(1, int(np.ceil((1.0 + 1.5e-6 - th0) / step)))
+        while last > 1 and round(th0 + (last - 1) * step, 6) > 1.0 + 1e-6:
+            last -= 1
+        while round(th0 + last * step, 6) <= 1.0 + 1e-6:
+            last += 1
+        i = 0
         while True:
             big = np.bincount(labels)[labels] > p.max_size
             if not big.any():
                 return labels
-            th = round(th + p.step, 6)
-            keep = big[src] & (sim >= th)
+            inside = big[src]
+            i += 1
+            if inside.any():  # skip the passes that would drop no edge
+                i = max(i, self._first_pass_above(float(sim[inside].min()), th0, step, last))
+            i = min(i, last)
+            th = round(th0 + i * step, 6)
+            keep = inside & (sim >= np.float32(th))  # as _first_pass_above compares
             src, dst, sim = src[keep], dst[keep], sim[keep]
             sub = components(n, src, dst)
             labels = labels.copy()
@@ -224,6 +243,26 @@ class CDP(WholeGraphMethod):
             if th > 1.0 + 1e-6:  # nothing can be cut further: the rest are singletons
                 labels[big] = labels.max() + 1 + np.flatnonzero(big)
                 return labels
+
+    @staticmethod
+    def _first_pass_above(lowest: float, th0: float, step: float, last: int) -> int:
+        """The smallest i whose threshold ``round(th0 + i * step, 6)`` drops the weakest
+        edge left (similarity ``lowest``, a float32: ``sim >= th`` compares in float32);
+        ``last`` when none before it does."""
+        weakest = np.float32(lowest)
+
+        def drops(i: int) -> bool:
+            return bool(np.float32(round(th0 + i * step, 6)) > weakest)
+
+        above = (np.floor(float(weakest) * 1e6) + 1) / 1e6  # first 6-decimal value above
+        while np.float32(above) <= weakest:
+            above += 1e-6
+        i = int(np.ceil((above - 5e-7 - th0) / step))  # the first pass rounding up to it
+        if not drops(i):  # a rounding tie, or a step below 1e-6
+            i = max(i + 1, int(np.ceil((above - 4e-7 - th0) / step)))
+        while i < last and not drops(i):
+            i += max(1, int(np.ceil(1e-6 / step)))
+        return min(i, last)
 
 
 @register

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
+import posixpath
 import struct
 import uuid
 from collections.abc import Iterator
@@ -33,11 +35,14 @@ from ltc_ray.io.fs import (
 
 __all__ = [
     "DEFAULT_BIN_DIM",
+    "ECHO_MAX_CHARS",
     "FEATURE_FORMATS",
     "FeatureInfo",
+    "brief_text",
     "check_unique_ids",
     "feature_format",
     "inspect_features",
+    "parse_npy_header",
     "read_features",
     "read_ids",
     "scan_features",
@@ -55,6 +60,12 @@ FEATURE_FORMATS = {
     ".pq": "parquet",
 }
 PARTS_KIND = "ltc-ray-feature-parts"
+# numpy's own default ``max_header_size``: a longer .npy header is refused unread
+NPY_MAX_HEADER_BYTES = 10000
+# no storage holds an array this large; a header claiming one is corrupt
+_NPY_MAX_ARRAY_BYTES = 2**60
+# how much of a user's value an error message may echo
+ECHO_MAX_CHARS = 80
 _NPY_DTYPES = ("float16", "float32", "float64")
 EMBEDDING_COLUMN = "embedding"
 ID_COLUMN = "id"
@@ -85,6 +96,14 @@ class FeatureInfo:
         return self.dim * np.dtype(self.dtype).itemsize
 
 
+def brief_text(value: object, limit: int = ECHO_MAX_CHARS) -> str:
+    """``str(value)``'s first line, cut to ``limit`` characters: what an error message may
+    echo of a user's file content without printing something unbounded."""
+    lines = str(value).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def feature_format(uri: str) -> str:
     """Format name from the file extension; unknown extensions are an input error."""
     name = str(uri).rstrip("/").rsplit("/", 1)[-1].lower()
@@ -97,14 +116,26 @@ def feature_format(uri: str) -> str:
 
 
 def inspect_features(
-    uri: str, dim: int | None = None, storage_options: dict | None = None
+    uri: str,
+    dim: int | None = None,
+    storage_options: dict | None = None,
+    *,
+    internal_parts: bool = False,
 ) -> FeatureInfo:
     """Read only the header/metadata of a feature file and check it is usable.
 
     ``dim`` is required knowledge for ``.bin`` (default 256) and a cross-check for the
     self-describing formats. Raises :class:`InputError` naming the file on any problem.
+    ``*.parts.json`` (node features a run wrote in pieces) is ltc-ray's own format: only a
+    run reading back what it wrote passes ``internal_parts=True``; from a user it is refused.
     """
     fmt = feature_format(uri)
+    if fmt == "parts" and not internal_parts:
+        raise InputError(
+            uri,
+            "is an internal ltc-ray format (feature parts a run writes for itself), not an "
+            "input; give a .bin, .npy or .parquet feature file",
+        )
     require_file(uri, "feature file", storage_options)
     if dim is not None and (isinstance(dim, bool) or int(dim) != dim or dim <= 0):
         raise InputError(uri, f"dim must be a positive integer, got {dim!r}")
@@ -156,25 +187,58 @@ def write_parts_manifest(
     write_bytes_atomic(uri, json.dumps(manifest, indent=1).encode(), storage_options)
 
 
+def _part_file(name: object) -> str:
+    """A part's file name from a manifest, refused unless it lies inside the manifest's
+    own directory (a relative path without ``..``, no scheme, no absolute path)."""
+    if not isinstance(name, str) or not name or "\\" in name or "://" in name:
+        raise ValueError(f"part file {brief_text(repr(name))} is not a relative path")
+    segments = name.split("/")
+    if posixpath.isabs(name) or any(seg in ("", ".", "..") for seg in segments):
+        raise ValueError(f"part file {brief_text(repr(name))} is outside the manifest's directory")
+    return name
+
+
+def _manifest_int(value: object, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {brief_text(repr(value))}")
+    return value
+
+
 def _inspect_parts(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:
+    """The parts manifest a run wrote; its parts must tile ``[0, N)`` exactly, in files
+    next to the manifest, so no row is missing or read twice and nothing else is read."""
     try:
         manifest = json.loads(read_bytes_range(uri, 0, file_size(uri, storage_options),
                                                storage_options))
-        if manifest.get("kind") != PARTS_KIND:
+        if not isinstance(manifest, dict) or manifest.get("kind") != PARTS_KIND:
             raise ValueError("not a feature-parts manifest")
-        d = int(manifest["dim"])
+        d = _manifest_int(manifest["dim"], "dim", 1)
+        n = _manifest_int(manifest["n_rows"], "n_rows", 0)
         base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        parts = tuple(
-            (int(p["start"]), int(p["stop"]), join_uri(base, p["file"]), int(p["header_bytes"]))
-            for p in manifest["parts"]
+        entries = manifest["parts"]
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("no parts")
+        parts = sorted(
+            (_manifest_int(p["start"], "start", 0), _manifest_int(p["stop"], "stop", 1),
+             join_uri(base, _part_file(p["file"])),
+             _manifest_int(p["header_bytes"], "header_bytes", 0))
+            for p in entries
         )
-        n = int(manifest["n_rows"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(uri, f"invalid feature-parts manifest ({exc})") from None
+        expected = 0
+        for lo, hi, _, _ in parts:
+            if lo != expected or hi <= lo:
+                raise ValueError(f"parts do not tile [0, {n}): part [{lo}, {hi}) after "
+                                 f"row {expected}")
+            expected = hi
+        if expected != n:
+            raise ValueError(f"parts cover [0, {expected}), the manifest says {n} rows")
+        token = str(manifest["token"])
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise InputError(uri, f"invalid feature-parts manifest ({brief_text(exc)})") from None
     if dim is not None and int(dim) != d:
         raise InputError(uri, f"has dim {d}, expected {dim}")
     return FeatureInfo(uri, "parts", n, d, "float32", 0, False, storage_options,
-                       version=str(manifest["token"]), parts=parts)
+                       version=token, parts=tuple(parts))
 
 
 def _inspect_bin(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:
@@ -192,6 +256,11 @@ def _inspect_bin(uri: str, dim: int | None, storage_options: dict | None) -> Fea
     return FeatureInfo(uri, "bin", size // row_bytes, d, "float32", 0, False, storage_options)
 
 
+def _npy_length_field(version: tuple[int, int]) -> str | None:
+    """struct format of the header-length field of a .npy format version (None: unknown)."""
+    return {1: "<H", 2: "<I", 3: "<I"}.get(version[0]) if version[1] == 0 else None
+
+
 def _npy_header(uri: str, storage_options: dict | None) -> tuple[tuple, bool, np.dtype, int]:
     """(shape, fortran_order, dtype, data offset) from the first bytes of a .npy file."""
     size = file_size(uri, storage_options)
@@ -200,13 +269,19 @@ def _npy_header(uri: str, storage_options: dict | None) -> tuple[tuple, bool, np
     prefix = read_bytes_range(uri, 0, min(size, 12), storage_options)
     if len(prefix) < 10 or prefix[:6] != b"\x93NUMPY":
         raise InputError(uri, "not a .npy file (bad magic bytes)")
-    major = prefix[6]
-    if major == 1:
-        total = 10 + struct.unpack("<H", prefix[8:10])[0]
-    elif major in (2, 3) and len(prefix) >= 12:
-        total = 12 + struct.unpack("<I", prefix[8:12])[0]
-    else:
-        raise InputError(uri, f"unsupported .npy format version {major}.{prefix[7]}")
+    length_field = _npy_length_field((prefix[6], prefix[7]))
+    if length_field is None:
+        raise InputError(uri, f"unsupported .npy format version {prefix[6]}.{prefix[7]}")
+    start = 8 + struct.calcsize(length_field)
+    if len(prefix) < start:
+        raise InputError(uri, "truncated .npy header")
+    header_len = struct.unpack(length_field, prefix[8:start])[0]
+    if header_len > NPY_MAX_HEADER_BYTES:
+        raise InputError(
+            uri, f"invalid .npy header (header of {header_len} bytes, more than "
+            f"{NPY_MAX_HEADER_BYTES})"
+        )
+    total = start + header_len
     if total > size:
         raise InputError(uri, "truncated .npy header")
     buf = io.BytesIO(read_bytes_range(uri, 0, total, storage_options))
@@ -214,18 +289,58 @@ def _npy_header(uri: str, storage_options: dict | None) -> tuple[tuple, bool, np
     return shape, fortran, dtype, total
 
 
+def _read_upto(stream: IO[bytes], nbytes: int) -> bytes:
+    """Up to ``nbytes`` from ``stream`` (fewer only at its end)."""
+    parts, got = [], 0
+    while got < nbytes:
+        chunk = stream.read(nbytes - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def parse_npy_header(stream: IO[bytes], uri: str, problem: str) -> tuple[tuple, bool, np.dtype]:
     """(shape, fortran_order, dtype) from a stream positioned at an .npy magic string;
-    never unpickles anything. A malformed header is an InputError ``problem (detail)``."""
+    never unpickles anything and reads at most :data:`NPY_MAX_HEADER_BYTES` of header.
+    A malformed header (not a dict, bad syntax, a negative or absurd shape, ...) is an
+    InputError ``problem (detail)`` of one bounded line."""
+    prefix = _read_upto(stream, 8)
+    if len(prefix) < 8 or prefix[:6] != b"\x93NUMPY":
+        raise InputError(uri, f"{problem} (bad magic bytes)")
+    length_field = _npy_length_field((prefix[6], prefix[7]))
+    if length_field is None:
+        raise InputError(uri, f"{problem} (unsupported .npy format version "
+                              f"{prefix[6]}.{prefix[7]})")
+    length_bytes = _read_upto(stream, struct.calcsize(length_field))
+    if len(length_bytes) < struct.calcsize(length_field):
+        raise InputError(uri, f"{problem} (truncated)")
+    header_len = struct.unpack(length_field, length_bytes)[0]
+    if header_len > NPY_MAX_HEADER_BYTES:
+        raise InputError(uri, f"{problem} (header of {header_len} bytes, more than "
+                              f"{NPY_MAX_HEADER_BYTES})")
+    header = _read_upto(stream, header_len)
+    if len(header) < header_len:
+        raise InputError(uri, f"{problem} (truncated)")
+    whole = io.BytesIO(prefix + length_bytes + header)
     try:
-        version = np.lib.format.read_magic(stream)
+        version = np.lib.format.read_magic(whole)
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(whole)
         else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    except ValueError as exc:
-        raise InputError(uri, f"{problem} ({exc})") from None
-    return tuple(shape), bool(fortran), np.dtype(dtype)
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(whole)
+        dtype = np.dtype(dtype)
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser failure is bad input
+        detail = brief_text(exc) if isinstance(exc, ValueError) else (
+            f"header is not a Python literal: {type(exc).__name__}")
+        raise InputError(uri, f"{problem} ({detail})") from None
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise InputError(uri, f"{problem} (negative dimension in shape {brief_text(shape)})")
+    if math.prod(shape) * dtype.itemsize > _NPY_MAX_ARRAY_BYTES:
+        raise InputError(uri, f"{problem} (absurd shape {brief_text(shape)})")
+    return shape, bool(fortran), dtype
 
 
 def _inspect_npy(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:
@@ -233,11 +348,13 @@ def _inspect_npy(uri: str, dim: int | None, storage_options: dict | None) -> Fea
     if dtype.hasobject:
         raise InputError(uri, "pickled arrays are refused (object dtype); save a float32 array")
     if len(shape) != 2:
-        raise InputError(uri, f"expected a 2-D (N, D) array, found shape {shape}")
+        raise InputError(uri, f"expected a 2-D (N, D) array, found shape {brief_text(shape)}")
     if fortran:
         raise InputError(uri, "Fortran-order arrays are not supported; save a C-order array")
     if dtype.fields is not None or dtype.kind != "f" or dtype.name not in _NPY_DTYPES:
-        raise InputError(uri, f"dtype {dtype} not supported; use float32, float16 or float64")
+        raise InputError(
+            uri, f"dtype {brief_text(dtype)} not supported; use float32, float16 or float64"
+        )
     if dtype.byteorder == ">":
         raise InputError(uri, f"big-endian dtype {dtype.str} not supported; save little-endian")
     n, d = int(shape[0]), int(shape[1])
@@ -254,18 +371,46 @@ def _inspect_npy(uri: str, dim: int | None, storage_options: dict | None) -> Fea
     return FeatureInfo(uri, "npy", n, d, dtype.name, offset, False, storage_options)
 
 
+def _is_parquet_format_error(exc: BaseException) -> bool:
+    """Whether pyarrow refused the file's bytes (corrupt, truncated, not Parquet) rather
+    than storage failing: Arrow's own errors, and the bare ``OSError`` without an errno
+    that Arrow raises for an undecodable page or footer. A storage failure (an OSError
+    subclass or one with an errno, botocore's, ...) stays what it is, so workers retry it."""
+    if isinstance(exc, pa.ArrowException):
+        return True
+    return type(exc) is OSError and exc.errno is None
+
+
 @contextlib.contextmanager
 def _parquet_file(uri: str, storage_options: dict | None) -> Iterator[pq.ParquetFile]:
+    """The open ParquetFile; a format error while opening or reading it (in the driver or
+    in a Ray task scanning its rows) is an InputError naming the file, in one line."""
     fs, path = url_to_fs(uri, storage_options)
     with fs.open(path, "rb") as f:
         try:
             pf = pq.ParquetFile(f)
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(uri, f"not a readable Parquet file ({exc})") from None
+        except Exception as exc:
+            if not _is_parquet_format_error(exc):
+                raise
+            raise InputError(uri, f"not a readable Parquet file ({brief_text(exc)})") from None
         try:
             yield pf
+        except Exception as exc:
+            if not _is_parquet_format_error(exc):
+                raise
+            raise InputError(uri, f"corrupt Parquet file ({brief_text(exc)})") from None
         finally:
             pf.close()
+
+
+def _unique_column(uri: str, schema: pa.Schema, name: str) -> bool:
+    """Whether the column ``name`` is present; refused when it appears more than once, as
+    a reader could not tell which one holds the data."""
+    count = schema.names.count(name)
+    if count > 1:
+        raise InputError(uri, f"column '{name}' appears {count} times; column names must be "
+                              "unique")
+    return count == 1
 
 
 def _embedding_dtype(uri: str, t: pa.DataType) -> str:
@@ -274,7 +419,7 @@ def _embedding_dtype(uri: str, t: pa.DataType) -> str:
         return "float32" if t.value_type == pa.float32() else "float64"
     raise InputError(
         uri,
-        f"column '{EMBEDDING_COLUMN}' has type {t}, expected list<float32> or "
+        f"column '{EMBEDDING_COLUMN}' has type {brief_text(t)}, expected list<float32> or "
         "fixed_size_list<float32>",
     )
 
@@ -282,15 +427,17 @@ def _embedding_dtype(uri: str, t: pa.DataType) -> str:
 def _inspect_parquet(uri: str, dim: int | None, storage_options: dict | None) -> FeatureInfo:
     with _parquet_file(uri, storage_options) as pf:
         schema = pf.schema_arrow
-        if EMBEDDING_COLUMN not in schema.names:
-            cols = ", ".join(schema.names) or "none"
+        if not _unique_column(uri, schema, EMBEDDING_COLUMN):
+            cols = brief_text(", ".join(schema.names) or "none")
             raise InputError(uri, f"no column '{EMBEDDING_COLUMN}' (columns: {cols})")
         emb_type = schema.field(EMBEDDING_COLUMN).type
         dtype = _embedding_dtype(uri, emb_type)
-        has_ids = ID_COLUMN in schema.names
+        has_ids = _unique_column(uri, schema, ID_COLUMN)
         if has_ids and not pa.types.is_integer(schema.field(ID_COLUMN).type):
             t = schema.field(ID_COLUMN).type
-            raise InputError(uri, f"column '{ID_COLUMN}' has type {t}, expected an integer type")
+            raise InputError(
+                uri, f"column '{ID_COLUMN}' has type {brief_text(t)}, expected an integer type"
+            )
         n = int(pf.metadata.num_rows)
         if pa.types.is_fixed_size_list(emb_type):
             d = int(emb_type.list_size)
@@ -340,6 +487,9 @@ def _parquet_column(info: FeatureInfo, column: str, start: int, stop: int) -> pa
 def _parquet_embeddings(info: FeatureInfo, start: int, stop: int) -> np.ndarray:
     arr = _parquet_column(info, EMBEDDING_COLUMN, start, stop)
     n = stop - start
+    if len(arr) != n:
+        raise InputError(info.uri, f"corrupt Parquet file (rows {start}..{stop} hold "
+                                   f"{len(arr)} values: the row groups disagree with the footer)")
     if arr.null_count:
         i = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
         raise InputError(info.uri, f"row {start + i} has a null embedding")

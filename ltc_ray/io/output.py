@@ -13,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,9 @@ METRICS = "metrics.json"
 RUN = "run.json"
 OUTPUT_NAMES = {CLUSTERS_DIR, SUMMARY, METRICS, RUN, SUCCESS, COMMITTING, LOCK}
 MANIFEST_FORMAT = "ltc-ray-output/1"  # _SUCCESS lists every file of the result
+
+
+PART_NAME = re.compile(CLUSTERS_DIR + r"/part-\d{5,}\.parquet")
 
 
 def part_file(index: int) -> str:
@@ -151,6 +155,8 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
     success = _manifest_paths(fs, path, SUCCESS, uri) if not foreign else None
     pending = _manifest_paths(fs, path, COMMITTING, uri) if not foreign else None
     owned = (success or set()) | (pending or set()) | {SUCCESS, COMMITTING}
+    # only names ltc-ray writes can be vouched for: a forged manifest cannot adopt a file
+    owned = {rel for rel in owned if rel in OUTPUT_NAMES or PART_NAME.fullmatch(rel)}
     foreign = foreign or sorted(files - owned)
     if foreign:
         raise InputError(
@@ -339,12 +345,12 @@ def _check_listed_files(fs, root: str, output: str, files: list[dict]) -> None:
     """Every file the manifest lists exists, is a file inside the output (no symbolic
     link out of it) and, where the manifest records it, has its size."""
     found = fs.find(root, detail=True)
-    sizes = {name[len(root) + 1:]: info for name, info in found.items()
+    found_info = {name[len(root) + 1:]: info for name, info in found.items()
              if name.startswith(root + "/")}
     real_root = os.path.realpath(root) if is_local_fs(fs) else None
     for entry in files:
         rel = entry["path"]
-        info = sizes.get(rel)
+        info = found_info.get(rel)
         where = join_uri(output, rel)
         if info is None:
             raise InputError(where, "is listed in _SUCCESS but missing; the result was "

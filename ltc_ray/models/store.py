@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import platform
 import zipfile
 from typing import Any
@@ -232,8 +233,15 @@ def _read_meta(uri: str, storage_options: dict | None) -> dict:
         value = meta.get(key)
         if not _positive_int(value):
             raise InputError(uri, f"invalid {MODEL_JSON}: {key} must be a positive int")
-    if not isinstance(meta.get("method"), str):
-        raise InputError(uri, f"invalid {MODEL_JSON}: method must be a string")
+    if not isinstance(meta.get("method"), str) or len(meta["method"]) > 40:
+        raise InputError(uri, f"invalid {MODEL_JSON}: method must be a short string")
+    thresholds = meta.get("thresholds", {})
+    if not isinstance(thresholds, dict) or not all(
+        value is None or (isinstance(value, int | float) and not isinstance(value, bool)
+                          and math.isfinite(value)) for value in thresholds.values()):
+        # a NaN threshold (a diverged training, a crafted file) would make every sample a
+        # singleton without a word
+        raise InputError(uri, f"invalid {MODEL_JSON}: thresholds must be finite numbers")
     if meta["method"] == METHOD_E:
         dims = meta.get("dims")
         if not isinstance(dims, list) or len(dims) != 4 or not all(map(_positive_int, dims)):

@@ -23,7 +23,7 @@ from ltc_ray import __version__
 from ltc_ray.cluster import ClusterMethod, get_method
 from ltc_ray.config import Config
 from ltc_ray.errors import InputError, storage_errors
-from ltc_ray.graph.knn_graph import MANIFEST, load_manifest
+from ltc_ray.graph.knn_graph import load_manifest
 from ltc_ray.io.features import (
     DEFAULT_BIN_DIM,
     FeatureInfo,
@@ -37,10 +37,12 @@ from ltc_ray.io.features import (
 from ltc_ray.io.fs import file_size, join_uri, uri_exists, url_to_fs
 from ltc_ray.io.knn_files import check_ltc_knn
 from ltc_ray.io.labels import read_labels
+from ltc_ray.io.lock import OutputLock
 from ltc_ray.io.output import (
     METRICS,
     RUN,
     SUMMARY,
+    check_output_disjoint,
     check_output_location,
     commit,
     part_file,
@@ -60,13 +62,13 @@ from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get
 from ltc_ray.pipeline.stages import (
     StageStore,
     fingerprint,
+    graph_artifacts,
     load_array,
     load_pair,
     save_concat,
     save_pair,
     slice_rows,
     tree_digest,
-    uri_version,
 )
 
 log = logging.getLogger("ltc_ray")
@@ -103,8 +105,13 @@ DRIVER_SCAN_MAX_BYTES = 4 * 2**20
 def preflight(spec: JobSpec, method: ClusterMethod) -> FeatureInfo:
     """Cheap checks before Ray starts: output location, file headers, method vs inputs,
     and the full scan of inputs small enough to read in the driver."""
+    so = spec.storage_options
     with storage_errors(spec.output):
-        check_output_location(spec.output, spec.overwrite, spec.storage_options)
+        model = getattr(method.params, "model", "") or None
+        check_output_disjoint(spec.output, {
+            "feature file": spec.features, "label file": spec.labels, "kNN file": spec.knn,
+            "model": model, "work directory (--work-dir)": spec.resolved_work_dir}, so)
+        check_output_location(spec.output, spec.overwrite, so)
     info = preflight_inputs(spec)
     method.check_inputs(info.dim, spec.features)
     return info
@@ -213,15 +220,15 @@ def validate_inputs(spec: JobSpec, info: FeatureInfo, resources: dict, stages: S
                     store: StageStore | None = None) -> None:
     """Plan stage: scan every row (NaN/Inf/zero norm), labels and ids in parallel, so
     bad input fails before the expensive kNN work. With a ``store``, a completed scan of
-    the same input versions is reused."""
+    the same input versions (content hashes for small files) is reused."""
     so = spec.storage_options
     with stages.stage("plan", rows=info.n_rows) as rec:
         rec.extra["resources"] = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
         if store is not None:
             inputs = {
-                "features": info.uri, "version": info.version, "format": info.format,
-                "n_rows": info.n_rows, "dim": info.dim,
-                "labels": spec.labels, "labels_version": uri_version(spec.labels, so),
+                "features": info.uri, "version": store.features_version(info),
+                "format": info.format, "n_rows": info.n_rows, "dim": info.dim,
+                "labels": spec.labels, "labels_version": store.input_version(spec.labels),
             }
             fp, marker = store.lookup("plan", inputs)
             rec.extra["fingerprint"] = fp
@@ -258,7 +265,9 @@ def knn_stage(spec: JobSpec, info: FeatureInfo, resources: dict, stages: StageLo
               store: StageStore | None = None):
     """Import a precomputed learn-to-cluster graph when one is given and present,
     else build it on Ray; either way the graph lands in ``<work>/knn``. With a ``store``,
-    a completed graph for the same plan and kNN keys is reused."""
+    a completed graph for the same features, kNN keys and imported file (each keyed by its
+    version) is reused when its manifest and every block file are intact; else (a
+    deleted ``_DONE`` too) it is built or imported again."""
     cfg = spec.config
     so = spec.storage_options
     with stages.stage("knn", rows=info.n_rows) as rec:
@@ -266,9 +275,10 @@ def knn_stage(spec: JobSpec, info: FeatureInfo, resources: dict, stages: StageLo
         use_import = bool(spec.knn and cfg.knn.reuse and uri_exists(spec.knn, so))
         if store is not None:
             # the features themselves, not the plan: new labels must not cost the graph
-            inputs = {"features": [info.uri, info.version, info.n_rows, info.dim],
+            inputs = {"features": [info.uri, store.features_version(info), info.n_rows,
+                                   info.dim],
                       **_knn_keys(cfg.knn, cfg.seed),
-                      "import": [spec.knn, uri_version(spec.knn, so)] if use_import else None}
+                      "import": [spec.knn, store.input_version(spec.knn)] if use_import else None}
             fp, marker = store.lookup("knn", inputs)
             rec.extra["fingerprint"] = fp
             manifest = load_manifest(knn_dir, so) if marker is not None else None
@@ -283,13 +293,11 @@ def knn_stage(spec: JobSpec, info: FeatureInfo, resources: dict, stages: StageLo
         else:
             manifest, knn_stats = build_knn_graph(info, cfg.knn, knn_dir, resources, cfg.seed)
         rec.worker_peak_rss_bytes = knn_stats.pop("worker_peak_rss_bytes", 0)
+        block_digests = knn_stats.pop("block_digests", None)  # (bytes, sha256) by block URI
         rec.extra.update(knn_stats)
-        rec.skipped = bool(knn_stats.get("reused"))
         if store is not None:
-            if rec.skipped:  # a matching graph without a stage marker (an older work area)
-                store.reuse("knn")
             store.finish("knn", fp, inputs, {"source": manifest.source},
-                         artifacts=[join_uri(knn_dir, MANIFEST)])
+                         artifacts=graph_artifacts(manifest, block_digests))
     return manifest
 
 
@@ -304,9 +312,11 @@ def _method_inputs(method: ClusterMethod, keys: tuple[str, ...] | None,
     return {"method": method.name, "params": params, "model": model_digest}
 
 
-def _row_slices(uri: str, ranges: list[tuple[int, int]], so: dict | None) -> list:
-    """Refs to the per-partition slices of a stored (N,) array (loaded by a worker)."""
-    full = load_array.remote(uri, so)
+def _row_slices(uri: str, ranges: list[tuple[int, int]], so: dict | None,
+                sha256: str | None = None) -> list:
+    """Refs to the per-partition slices of a stored (N,) array (loaded, and checked
+    against the ``sha256`` its stage marker records, by a worker)."""
+    full = load_array.remote(uri, so, sha256)
     return [slice_rows.remote(full, lo, hi) for lo, hi in ranges]
 
 
@@ -317,8 +327,20 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
     node features, gets a second sharded kNN graph over them and links on that graph.
 
     Each of score, knn_features and link (with the merge) is a resumable stage: its
-    results are stored under ``store`` and reused when its fingerprint matches.
+    results are stored under ``store`` and reused when its fingerprint matches and every
+    artifact (arrays, the re-scored or feature-pass graph with all its blocks, the node
+    features) is intact; a damaged one makes that stage run again. A work file found
+    damaged while a stage reads it is a WorkFileError that drops the marker vouching for
+    it (:meth:`StageStore.heals`), so the rerun computes it again.
     """
+    with store.heals():
+        return _cluster_stages(spec, method, info, manifest, resources, stages, store)
+
+
+def _cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
+                    manifest, resources: dict, stages: StageLog,
+                    store: StageStore) -> ClusterRefs:
+    """The body of :func:`cluster_stages`."""
     cfg, so = spec.config, spec.storage_options
     cpus = float(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0)) if cfg.knn.gpu == "auto" else 0.0
@@ -343,11 +365,14 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
         if rescored is None:
             marker = None  # the re-scored graph is gone: score again
     if marker is not None:
+        scores = _row_slices(scores_uri, ranges, so, store.sha256(marker, scores_uri))
+        if not store.loads_intact("score", scores):
+            marker = None
+    if marker is not None:
         with stages.stage("score", rows=n) as rec:
             store.reuse("score")
             rec.skipped = True
             rec.extra["fingerprint"] = score_fp
-            scores = _row_slices(scores_uri, ranges, so)
     elif rescores:
         from ltc_ray.pipeline.rescore import rescore_and_density
 
@@ -358,27 +383,29 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
                                                           rescored_dir, gpus)
             rec.worker_peak_rss_bytes = max(stats["actor_peak_rss_bytes"])
             rec.extra.update(stats, partitions=len(ranges), fingerprint=score_fp)
-        ray_get(save_concat.remote(scores_uri, so, *scores))
+        scores_digest = ray_get(save_concat.remote(scores_uri, so, *scores))
         store.finish("score", score_fp, score_in, {"partitions": len(ranges)},
-                     artifacts=[scores_uri, join_uri(rescored_dir, MANIFEST)])
+                     artifacts={scores_uri: scores_digest, **graph_artifacts(rescored)})
     else:
         store.begin("score")
         scores, parts = score_stage(method, manifest, ranges, cpus, so, stages, info=info,
                                     feature_dir=feature_dir, gpus=gpus)
-        if feature_pass:
-            write_parts_manifest(join_uri(feature_dir, "features.parts.json"), method.hidden,
-                                 parts, so)
-        ray_get(save_concat.remote(scores_uri, so, *scores))
+        artifacts = {}
+        if feature_pass:  # the node features: their parts manifest and every part file
+            parts_uri = join_uri(feature_dir, "features.parts.json")
+            write_parts_manifest(parts_uri, method.hidden, parts, so)
+            artifacts = dict.fromkeys([parts_uri, *(join_uri(feature_dir, part[2])
+                                                    for part in parts)])  # fmt: skip
+        artifacts[scores_uri] = ray_get(save_concat.remote(scores_uri, so, *scores))
         stages.stages["score"].extra["fingerprint"] = score_fp
-        parts_manifest = [join_uri(feature_dir, "features.parts.json")] if feature_pass else []
         store.finish("score", score_fp, score_in, {"partitions": len(ranges)},
-                     artifacts=[scores_uri, *parts_manifest])
+                     artifacts=artifacts)
 
     # -- knn_features (feature-pass methods): a second graph to link on
     graph, link_info, upstream = rescored or manifest, None, score_fp
     if feature_pass:
         parts_uri = join_uri(feature_dir, "features.parts.json")
-        link_info = inspect_features(parts_uri, storage_options=so)
+        link_info = inspect_features(parts_uri, storage_options=so, internal_parts=True)
         knn_cfg = dataclasses.replace(
             cfg.knn, k=min(getattr(method, "feature_k", cfg.knn.k), info.n_rows - 1))
         # the graph to link on: over the GCN features (GCN-V's pass b) or, for a method that
@@ -399,9 +426,10 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
                 graph, knn_stats = build_knn_graph(info if on_input else link_info, knn_cfg,
                                                    graph_dir, resources, cfg.seed)
                 rec.worker_peak_rss_bytes = knn_stats.pop("worker_peak_rss_bytes", 0)
+                block_digests = knn_stats.pop("block_digests", None)
                 rec.extra.update(knn_stats)
                 store.finish("knn_features", upstream, kf_in,
-                             artifacts=[join_uri(graph_dir, MANIFEST)])
+                             artifacts=graph_artifacts(graph, block_digests))
 
     # -- link and merge
     link_in = {"upstream": upstream, **_method_inputs(method, None, model_digest)}
@@ -409,26 +437,33 @@ def cluster_stages(spec: JobSpec, method: ClusterMethod, info: FeatureInfo,
     names = ("parents.npy", "cluster_id.npy", "sizes.npy", "representatives.npy")
     parents_uri, cid_uri, sizes_uri, reps_uri = (store.uri("link", name) for name in names)
     if marker is not None:
-        with stages.stage("link", rows=n) as rec:
-            store.reuse("link")
-            rec.skipped = True
-            rec.extra["fingerprint"] = link_fp
-            return ClusterRefs(
-                ranges=ranges, scores=scores, parents=_row_slices(parents_uri, ranges, so),
-                cluster_id=load_array.remote(cid_uri, so),
-                summary=load_pair.remote(sizes_uri, reps_uri, so),
-                n_clusters=int(marker["meta"]["n_clusters"]),
-            )
+        sha = {uri: store.sha256(marker, uri) for uri in (parents_uri, cid_uri, sizes_uri,
+                                                           reps_uri)}  # fmt: skip
+        refs = ClusterRefs(
+            ranges=ranges, scores=scores,
+            parents=_row_slices(parents_uri, ranges, so, sha[parents_uri]),
+            cluster_id=load_array.remote(cid_uri, so, sha[cid_uri]),
+            summary=load_pair.remote(sizes_uri, reps_uri, so, sha[sizes_uri], sha[reps_uri]),
+            n_clusters=int(marker["meta"]["n_clusters"]),
+        )
+        if store.loads_intact("link", [*refs.parents, refs.cluster_id, refs.summary]):
+            with stages.stage("link", rows=n) as rec:
+                store.reuse("link")
+                rec.skipped = True
+                rec.extra["fingerprint"] = link_fp
+            return refs
     store.begin("link")
     refs = link_merge_stage(method, graph, ranges, scores, cfg.cluster, so, stages,
                             info=link_info, cpus=cpus if feature_pass or rescores else 1.0,
                             features=info)
-    ray_get([save_concat.remote(parents_uri, so, *refs.parents),
-             save_concat.remote(cid_uri, so, refs.cluster_id),
-             save_pair.remote(sizes_uri, reps_uri, so, refs.summary)])
+    parents_digest, cid_digest, (sizes_digest, reps_digest) = ray_get([
+        save_concat.remote(parents_uri, so, *refs.parents),
+        save_concat.remote(cid_uri, so, refs.cluster_id),
+        save_pair.remote(sizes_uri, reps_uri, so, refs.summary)])
     stages.stages["link"].extra["fingerprint"] = link_fp
     store.finish("link", link_fp, link_in, {"n_clusters": refs.n_clusters},
-                 artifacts=[parents_uri, cid_uri, sizes_uri, reps_uri])
+                 artifacts={parents_uri: parents_digest, cid_uri: cid_digest,
+                            sizes_uri: sizes_digest, reps_uri: reps_digest})
     return refs
 
 
@@ -461,13 +496,27 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     method = get_method(cfg.method, cfg, spec.storage_options)
     info = preflight(spec, method)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    work = spec.resolved_work_dir
-    staging = join_uri(work, "staging", run_id)
     stages = StageLog()
-    store = StageStore(work, so)  # completed stages of earlier runs in this work area
+    store = StageStore(spec.resolved_work_dir, so)  # completed stages of earlier runs
+    lock = OutputLock(spec.output, run_id, so)
+    with storage_errors(spec.output):
+        lock.acquire()
     log.info("run %s: %s, N=%d, D=%d, method=%s, output=%s", run_id, spec.features,
              info.n_rows, info.dim, cfg.method, spec.output)
+    try:
+        with storage_errors(spec.output):  # again, now as the location's one writer
+            check_output_location(spec.output, spec.overwrite, so)
+        return _run_locked(spec, method, info, run_id, stages, store, lock, t_start)
+    finally:
+        lock.release()
 
+
+def _run_locked(spec: JobSpec, method: ClusterMethod, info: FeatureInfo, run_id: str,
+                stages: StageLog, store: StageStore, lock: OutputLock,
+                t_start: float) -> dict[str, Any]:
+    """The job's work, holding the output's lock: Ray, the stages, the commit."""
+    cfg, so, work = spec.config, spec.storage_options, spec.resolved_work_dir
+    staging = join_uri(work, "staging", run_id)
     resources = init_ray(spec.num_cpus)
     validate_inputs(spec, info, resources, stages, store)
     manifest = knn_stage(spec, info, resources, stages, store)
@@ -521,6 +570,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         run_record["metrics"] = metrics
     write_json(join_uri(staging, RUN), run_record, so)
     with stages.stage("commit"):
+        if not lock.holds():
+            raise RuntimeError(f"lost the lock on {spec.output} to another job; not committing")
         commit(staging, spec.output, part_rows, run_id, so)
     _remove(staging, so)
     # the write stage is never skipped (its completion is _SUCCESS); its marker records

@@ -29,7 +29,6 @@ from ltc_ray.io.knn_files import (
     inspect_ltc_knn,
     iter_ltc_knn,
     save_knn_block,
-    validate_knn,
 )
 from ltc_ray.knn.search import (
     TIE_MARGIN,
@@ -342,12 +341,15 @@ def _measure_recall(info, manifest, actors, cfg: KnnConfig, seed: int) -> float:
 @ray.remote(num_cpus=1)
 def _import_ltc(uri: str, n_rows: int, k: int, work_dir: str, block_rows: int,
                 storage_options: dict | None) -> dict:
+    """Convert the npz into block files: each row's neighbours sorted by similarity
+    (descending, ties by lower id, empty slots last) BEFORE keeping the top ``k``, so a
+    file whose columns are not sorted gives the same graph as a sorted one; then self at
+    rank 0 (inserted, dropping the last neighbour, where the row lacks it). Content errors
+    (ids, distances; see :func:`iter_ltc_knn`) are InputErrors naming the file and row."""
     manifest = KnnManifest(directory=work_dir, n_rows=n_rows, k=k, block_rows=block_rows,
                            source="imported")
     rows = 0
     for start, ids, sims in iter_ltc_knn(uri, block_rows, storage_options):
-        ids, sims = ids[:, :k], sims[:, :k]
-        validate_knn(ids, sims, n_rows, uri)
         ids, sims = merge_topk([(ids.astype(np.int64), sims)], k)
         node = np.arange(start, start + len(ids), dtype=np.int64)
         ids, sims = put_self_first(node, ids, sims, np.ones(len(ids)))

@@ -347,7 +347,7 @@ def _train_locked(method: str, spec: JobSpec, train_cfg, edge_cfg, rho: float) -
         part = ray_get(meta_ref)["feature_part"]
     parts_uri = join_uri(feature_dir, "features.parts.json")
     write_parts_manifest(parts_uri, train_cfg.hidden, [tuple(part)], so)
-    feature_info = inspect_features(parts_uri, storage_options=so)
+    feature_info = inspect_features(parts_uri, storage_options=so, internal_parts=True)
     with stages.stage("knn_features", rows=info.n_rows):
         graph, _ = build_knn_graph(feature_info, config.knn,
                                    join_uri(spec.resolved_work_dir, "knn-features"), resources,
