@@ -77,6 +77,11 @@ CASES: list[Case] = [
     Case("outputs-output-is-features-symlink-dir",
          _cluster("--output", "{d}/outputs-link/run", features="{d}/outputs-link/run/x.bin"),
          "output location overlaps the feature file", "{d}/outputs-link/run"),
+    # a location that cannot be created: refused before Ray starts, not after the work
+    Case("outputs-parent-is-a-file", _cluster("--output", "{d}/outputs-s/thesis.tex/run"),
+         "cannot access storage (NotADirectoryError", "{d}/outputs-s/thesis.tex/run"),
+    Case("outputs-cannot-be-created", _cluster("--output", "/proc/ltc-ray-test-output"),
+         "cannot access storage (FileNotFoundError", "/proc/ltc-ray-test-output"),
     # one writer per output
     Case("outputs-locked-by-a-running-job", _cluster("--output", "{d}/outputs-locked"),
          "another job is writing to this output (run test-holder", "{d}/outputs-locked"),

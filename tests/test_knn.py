@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -213,18 +215,23 @@ def test_torch_index_certificate_refines_near_ties():
         TorchFlatIndex(x, precision="fp8")
 
 
-def test_completed_graph_is_reused(ray_local, knn_data, tmp_path):
+def test_a_build_always_computes_and_reports_every_files_digest(ray_local, knn_data, tmp_path):
+    """Reuse is the stage store's decision (it checks every block's size and sha256), so a
+    build never reuses a graph on its own; it hands the store the (bytes, sha256) of each
+    file as its writer wrote it, so the stage marker needs no second read of the graph."""
+    from ltc_ray.pipeline.stages import graph_artifacts
+
     path, _ = knn_data
     info = inspect_features(str(path), dim=48)
-    cfg = KnnConfig(k=10, block_rows=1000)
-    first, stats = build_knn_graph(info, cfg, str(tmp_path / "knn"), {"CPU": 2.0})
-    assert not stats.get("reused")
-    again, stats = build_knn_graph(info, cfg, str(tmp_path / "knn"), {"CPU": 2.0})
-    assert stats["reused"]
-    changed, stats = build_knn_graph(
-        info, KnnConfig(k=12, block_rows=1000), str(tmp_path / "knn"), {"CPU": 2.0}
-    )
-    assert not stats.get("reused") and changed.k == 12
+    for k in (10, 10, 12):  # the same graph twice, then another k in the same directory
+        manifest, stats = build_knn_graph(info, KnnConfig(k=k, block_rows=1000),
+                                          str(tmp_path / "knn"), {"CPU": 2.0})
+        assert "reused" not in stats and manifest.k == k
+        digests = stats["block_digests"]
+        assert set(digests) == set(graph_artifacts(manifest)) and len(digests) > 2
+        for uri, (size, sha) in digests.items():
+            data = Path(uri).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (size, sha), uri
 
 
 def test_ivf_reports_measured_recall(ray_local, knn_data, tmp_path):

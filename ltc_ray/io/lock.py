@@ -148,9 +148,13 @@ class OutputLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
-        if self.holds():
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path)
+        try:
+            if self.holds():
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self.path)
+        except Exception as exc:  # noqa: BLE001 - storage gone: never mask the job's own error
+            log.warning("output %s: could not release the lock (%s); the next run takes it "
+                        "over", self.output, str(exc).splitlines()[0] if str(exc) else exc)
         if self._created_dir:
             _, out_dir = url_to_fs(self.output, self.storage_options)
             with contextlib.suppress(OSError):

@@ -191,8 +191,8 @@ def _finish_block(queries, start, ids, sims, k, n_rows, uri, storage_options) ->
     rows = np.arange(start, start + len(queries), dtype=np.int64)
     self_sims = np.einsum("nd,nd->n", queries.astype(np.float64), queries.astype(np.float64))
     ids, sims = put_self_first(rows, ids, sims, self_sims)
-    save_knn_block(uri, ids.astype(id_dtype_for(n_rows)), sims, start, storage_options)
-    return {"rows": len(rows), "peak_rss": peak_rss_bytes()}
+    digest = save_knn_block(uri, ids.astype(id_dtype_for(n_rows)), sims, start, storage_options)
+    return {"rows": len(rows), "peak_rss": peak_rss_bytes(), "uri": uri, "digest": digest}
 
 
 @ray.remote(num_cpus=0)
@@ -279,7 +279,9 @@ def build_knn_graph(
     manifest.recall = recall
     manifest.details = {"fingerprint": fingerprint, "mode": layout.mode,
                         "n_actors": layout.n_actors}
-    save_manifest(manifest, so)
+    # the writers' own digests: the stage marker needs no second read of the graph
+    digests = {r["uri"]: tuple(r["digest"]) for r in results}
+    digests[join_uri(work_dir, MANIFEST)] = save_manifest(manifest, so)
     stats = {
         "mode": layout.mode,
         "n_actors": layout.n_actors,
@@ -291,6 +293,7 @@ def build_knn_graph(
         "actor_peak_rss_bytes": max(actor_rss),
         "worker_peak_rss_bytes": max([r["peak_rss"] for r in results] + actor_rss),
         "recall": recall,
+        "block_digests": digests,
     }
     return manifest, stats
 
@@ -348,16 +351,16 @@ def _import_ltc(uri: str, n_rows: int, k: int, work_dir: str, block_rows: int,
     (ids, distances; see :func:`iter_ltc_knn`) are InputErrors naming the file and row."""
     manifest = KnnManifest(directory=work_dir, n_rows=n_rows, k=k, block_rows=block_rows,
                            source="imported")
-    rows = 0
+    rows, digests = 0, {}
     for start, ids, sims in iter_ltc_knn(uri, block_rows, storage_options):
         ids, sims = merge_topk([(ids.astype(np.int64), sims)], k)
         node = np.arange(start, start + len(ids), dtype=np.int64)
         ids, sims = put_self_first(node, ids, sims, np.ones(len(ids)))
-        block = start // block_rows
-        save_knn_block(manifest.block_uri(block), ids.astype(id_dtype_for(n_rows)), sims,
-                       start, storage_options)
+        block_uri = manifest.block_uri(start // block_rows)
+        digests[block_uri] = save_knn_block(block_uri, ids.astype(id_dtype_for(n_rows)), sims,
+                                            start, storage_options)
         rows += len(ids)
-    return {"rows": rows, "peak_rss": peak_rss_bytes()}
+    return {"rows": rows, "peak_rss": peak_rss_bytes(), "digests": digests}
 
 
 def import_ltc_knn(
@@ -380,8 +383,10 @@ def import_ltc_knn(
     result = ray_get(_import_ltc.remote(uri, n, cfg.k, work_dir, cfg.block_rows, so))
     manifest = KnnManifest(directory=work_dir, n_rows=n, k=cfg.k, block_rows=cfg.block_rows,
                            source="imported", details={"fingerprint": fingerprint})
-    save_manifest(manifest, so)
-    return manifest, {"imported_from": uri, "worker_peak_rss_bytes": result["peak_rss"]}
+    digests = {block: tuple(digest) for block, digest in result["digests"].items()}
+    digests[join_uri(work_dir, MANIFEST)] = save_manifest(manifest, so)
+    return manifest, {"imported_from": uri, "worker_peak_rss_bytes": result["peak_rss"],
+                      "block_digests": digests}
 
 
 __all__ = ["build_knn_graph", "import_ltc_knn", "measure_gpu_free_bytes", "plan_knn_layout"]
