@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ltc_ray.errors import InputError, WorkFileError, storage_errors
+from ltc_ray.errors import InputError, WorkFileError, brief, storage_errors
 from ltc_ray.redact import RedactingFormatter, redact, register_storage_options
 
 log = logging.getLogger("ltc_ray")
@@ -307,7 +307,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
 
     from ltc_ray.io.fs import url_to_fs
     from ltc_ray.io.labels import read_labels
-    from ltc_ray.io.output import SUCCESS, overlaps, read_clusters, shorten, write_json
+    from ltc_ray.io.output import SUCCESS, overlaps, read_clusters, write_json
     from ltc_ray.metrics import evaluate
 
     def check_metrics_target(uri: str, pred: str, so: dict | None) -> None:
@@ -345,7 +345,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
     labels = read_labels(args.labels, storage_options=so)
     if len(labels) != table.num_rows:  # before computing on two arrays that disagree
         raise InputError(args.pred, f"has {table.num_rows} cluster rows but "
-                         f"{shorten(args.labels)} has {len(labels)} labels; score a result "
+                         f"{brief(args.labels)} has {len(labels)} labels; score a result "
                          "against the labels of the features it clustered")
     metrics = evaluate(labels, table.column("cluster_id").to_numpy())
     print(metrics_table({args.pred: metrics}))

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ltc_ray.errors import InputError
+from ltc_ray.errors import ECHO_CHARS, InputError, brief
 
 
 @dataclass
@@ -224,7 +224,6 @@ _CHOICES = {
     "methods.hard-clusters.density": ("approximate", "iterative"),
 }
 
-ECHO_CHARS = 80  # user values echoed in an error message are cut to this many characters
 MAX_CONFIG_BYTES = 256 * 1024  # a config file is a few kB; refuse anything near a MiB
 MAX_INT = 1 << 62  # no integer key may exceed this, whatever its own range says
 _METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -239,12 +238,8 @@ def shown(value: Any, limit: int = ECHO_CHARS) -> str:
         kind = "mapping" if isinstance(value, dict) else "list"
         return f"<a {kind} of {len(value)} entries>"
     text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
-    return cut(text, limit)
+    return brief(text, limit)
 
-
-def cut(text: str, limit: int = ECHO_CHARS) -> str:
-    """``text`` itself when short, else its first ``limit - 1`` characters and an ellipsis."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -575,7 +570,7 @@ def _apply(obj: Any, tree: dict, where: str, prefix: str = "") -> None:
     hints = _hints(type(obj))
     for key, value in tree.items():
         key_text = str(key)
-        f = _field_for(type(obj), key_text, f"{where} [{prefix}{cut(key_text)}]")
+        f = _field_for(type(obj), key_text, f"{where} [{prefix}{brief(key_text)}]")
         typ = hints[f.name]
         path = f"{prefix}{key_text}"
         if dataclasses.is_dataclass(typ):
@@ -590,7 +585,7 @@ def set_key(cfg: Config, dotted: str, raw_value: str, where: str = "--set") -> N
     value: Any = raw_value
     if raw_value != "":
         try:
-            value = _load_yaml(raw_value, f"{where} [{cut(dotted)}]")
+            value = _load_yaml(raw_value, f"{where} [{brief(dotted)}]")
         except InputError:
             raise
         except (yaml.YAMLError, ValueError):  # ValueError: an integer too long for int()
@@ -642,7 +637,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 def _read_config_file(path: str) -> str:
     """The text of a local config file: one line naming the file for a missing file, a
     directory, an unreadable, oversized or non-UTF-8 one."""
-    where = cut(path, 1024)
+    where = brief(path, 1024)
     try:
         with open(path, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
@@ -672,7 +667,7 @@ def load_config(
     cfg = base if base is not None else Config()
     if path:
         text = _read_config_file(path)
-        where = cut(path, 1024)
+        where = brief(path, 1024)
         try:
             tree = _load_yaml(text, where)
         except InputError:

@@ -9,6 +9,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+ECHO_CHARS = 80  # what an error message may echo of a user's value or file content
+
+
+def brief(value: object, limit: int = ECHO_CHARS) -> str:
+    """``str(value)``'s first line, cut to ``limit`` characters: what a one-line error
+    message may echo of user input without printing something unbounded."""
+    lines = str(value).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class InputError(ValueError):
     """A problem with the user's input; jobs map it to exit code 2."""

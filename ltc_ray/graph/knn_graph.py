@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ltc_ray.io.fs import join_uri, url_to_fs, write_bytes_atomic
+from ltc_ray.errors import InputError, brief
+from ltc_ray.io.fs import file_stamp, join_uri, url_to_fs, write_bytes_atomic
 from ltc_ray.io.knn_files import load_knn_block
 
 log = logging.getLogger("ltc_ray")
@@ -122,7 +123,6 @@ def _is_int(value: object, low: int) -> bool:
 def _read_manifest_checked(directory: str, storage_options: dict | None) -> KnnManifest | None:
     """Like :func:`load_manifest`, but a manifest that is present and damaged is an
     :class:`InputError` naming it (an export must not silently skip or misread a graph)."""
-    from ltc_ray.errors import InputError
 
     uri = join_uri(directory, MANIFEST)
     fs, path = url_to_fs(uri, storage_options)
@@ -155,20 +155,6 @@ def _read_manifest_checked(directory: str, storage_options: dict | None) -> KnnM
     return KnnManifest(**tree)
 
 
-def _file_stamp(fs, path: str) -> dict:
-    """Size, modification time and (object stores) ETag of a file: what an export marker
-    vouches for, so a file saved over the export since no longer matches."""
-    fs.invalidate_cache(path)
-    info = fs.info(path)
-    try:
-        modified = fs.modified(path).isoformat()
-    except (NotImplementedError, AttributeError, KeyError):
-        modified = None
-    etag = info.get("ETag") or info.get("etag")
-    return {"bytes": int(info["size"]), "modified": modified,
-            "etag": str(etag) if etag is not None else None}
-
-
 def _check_export_target(
     output: str, work_dir: str, overwrite: bool, storage_options: dict | None
 ) -> None:
@@ -176,11 +162,10 @@ def _check_export_target(
     export wrote (its ``<output>.ltc-ray.json`` marker matches the file's size,
     modification time and ETag); never a user's file, never anything in the work
     directory."""
-    from ltc_ray.errors import InputError
-    from ltc_ray.io.output import overlaps, shorten
+    from ltc_ray.io.output import overlaps
 
     if overlaps(output, work_dir, storage_options):
-        raise InputError(output, f"overlaps the work directory {shorten(work_dir)}, whose graph "
+        raise InputError(output, f"overlaps the work directory {brief(work_dir)}, whose graph "
                          "is being read (and that a run may clear); choose a path outside it")
     fs, path = url_to_fs(output, storage_options)
     if fs.isdir(path):
@@ -201,10 +186,10 @@ def _check_export_target(
     if not overwrite:
         raise InputError(output, "already exists; refusing to overwrite it: choose a new path "
                          "(--overwrite replaces only a kNN export ltc-ray wrote)")
-    stamp = _file_stamp(fs, path)
+    stamp = file_stamp(fs, path)
     if marker is None or {key: marker.get(key) for key in stamp} != stamp:
         raise InputError(output, "already exists and is not a kNN export ltc-ray wrote (no "
-                         f"matching {shorten(marker_uri.rsplit('/', 1)[-1], 60)}); "
+                         f"matching {brief(marker_uri.rsplit('/', 1)[-1], 60)}); "
                          "--overwrite replaces only those: choose a new path")
 
 
@@ -218,7 +203,6 @@ def export_ltc_npz(
     ``overwrite`` and the ``<output>.ltc-ray.json`` marker an earlier export left beside it
     still matches it (see :func:`_check_export_target`). Each block is checked against
     the manifest while streaming; nothing is left at ``output`` if one is damaged."""
-    from ltc_ray.errors import InputError
     from ltc_ray.io.knn_files import write_ltc_knn
 
     manifest = _read_manifest_checked(
@@ -245,7 +229,7 @@ def export_ltc_npz(
 
     write_ltc_knn(output, manifest.n_rows, manifest.k, blocks(), storage_options)
     fs, path = url_to_fs(output, storage_options)
-    marker = {"format": EXPORT_FORMAT, **_file_stamp(fs, path), "n_rows": manifest.n_rows,
+    marker = {"format": EXPORT_FORMAT, **file_stamp(fs, path), "n_rows": manifest.n_rows,
               "k": manifest.k}
     write_bytes_atomic(output + EXPORT_MARKER_SUFFIX,
                        json.dumps(marker, indent=2).encode() + b"\n", storage_options)

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ltc_ray.errors import InputError
+from ltc_ray.errors import InputError, brief
 from ltc_ray.io.fs import (
     file_size,
     join_uri,
@@ -35,10 +35,8 @@ from ltc_ray.io.fs import (
 
 __all__ = [
     "DEFAULT_BIN_DIM",
-    "ECHO_MAX_CHARS",
     "FEATURE_FORMATS",
     "FeatureInfo",
-    "brief_text",
     "check_unique_ids",
     "feature_format",
     "inspect_features",
@@ -64,8 +62,6 @@ PARTS_KIND = "ltc-ray-feature-parts"
 NPY_MAX_HEADER_BYTES = 10000
 # no storage holds an array this large; a header claiming one is corrupt
 _NPY_MAX_ARRAY_BYTES = 2**60
-# how much of a user's value an error message may echo
-ECHO_MAX_CHARS = 80
 _NPY_DTYPES = ("float16", "float32", "float64")
 EMBEDDING_COLUMN = "embedding"
 ID_COLUMN = "id"
@@ -94,14 +90,6 @@ class FeatureInfo:
     def row_bytes(self) -> int:
         """Bytes per row on disk for the byte-addressed formats (bin, npy)."""
         return self.dim * np.dtype(self.dtype).itemsize
-
-
-def brief_text(value: object, limit: int = ECHO_MAX_CHARS) -> str:
-    """``str(value)``'s first line, cut to ``limit`` characters: what an error message may
-    echo of a user's file content without printing something unbounded."""
-    lines = str(value).strip().splitlines()
-    text = lines[0] if lines else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def feature_format(uri: str) -> str:
@@ -191,16 +179,16 @@ def _part_file(name: object) -> str:
     """A part's file name from a manifest, refused unless it lies inside the manifest's
     own directory (a relative path without ``..``, no scheme, no absolute path)."""
     if not isinstance(name, str) or not name or "\\" in name or "://" in name:
-        raise ValueError(f"part file {brief_text(repr(name))} is not a relative path")
+        raise ValueError(f"part file {brief(repr(name))} is not a relative path")
     segments = name.split("/")
     if posixpath.isabs(name) or any(seg in ("", ".", "..") for seg in segments):
-        raise ValueError(f"part file {brief_text(repr(name))} is outside the manifest's directory")
+        raise ValueError(f"part file {brief(repr(name))} is outside the manifest's directory")
     return name
 
 
 def _manifest_int(value: object, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what} must be an integer >= {low}, got {brief_text(repr(value))}")
+        raise ValueError(f"{what} must be an integer >= {low}, got {brief(repr(value))}")
     return value
 
 
@@ -234,7 +222,7 @@ def _inspect_parts(uri: str, dim: int | None, storage_options: dict | None) -> F
             raise ValueError(f"parts cover [0, {expected}), the manifest says {n} rows")
         token = str(manifest["token"])
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise InputError(uri, f"invalid feature-parts manifest ({brief_text(exc)})") from None
+        raise InputError(uri, f"invalid feature-parts manifest ({brief(exc)})") from None
     if dim is not None and int(dim) != d:
         raise InputError(uri, f"has dim {d}, expected {dim}")
     return FeatureInfo(uri, "parts", n, d, "float32", 0, False, storage_options,
@@ -332,14 +320,14 @@ def parse_npy_header(stream: IO[bytes], uri: str, problem: str) -> tuple[tuple, 
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(whole)
         dtype = np.dtype(dtype)
     except Exception as exc:  # noqa: BLE001 - untrusted bytes: any parser failure is bad input
-        detail = brief_text(exc) if isinstance(exc, ValueError) else (
+        detail = brief(exc) if isinstance(exc, ValueError) else (
             f"header is not a Python literal: {type(exc).__name__}")
         raise InputError(uri, f"{problem} ({detail})") from None
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
-        raise InputError(uri, f"{problem} (negative dimension in shape {brief_text(shape)})")
+        raise InputError(uri, f"{problem} (negative dimension in shape {brief(shape)})")
     if math.prod(shape) * dtype.itemsize > _NPY_MAX_ARRAY_BYTES:
-        raise InputError(uri, f"{problem} (absurd shape {brief_text(shape)})")
+        raise InputError(uri, f"{problem} (absurd shape {brief(shape)})")
     return shape, bool(fortran), dtype
 
 
@@ -348,12 +336,12 @@ def _inspect_npy(uri: str, dim: int | None, storage_options: dict | None) -> Fea
     if dtype.hasobject:
         raise InputError(uri, "pickled arrays are refused (object dtype); save a float32 array")
     if len(shape) != 2:
-        raise InputError(uri, f"expected a 2-D (N, D) array, found shape {brief_text(shape)}")
+        raise InputError(uri, f"expected a 2-D (N, D) array, found shape {brief(shape)}")
     if fortran:
         raise InputError(uri, "Fortran-order arrays are not supported; save a C-order array")
     if dtype.fields is not None or dtype.kind != "f" or dtype.name not in _NPY_DTYPES:
         raise InputError(
-            uri, f"dtype {brief_text(dtype)} not supported; use float32, float16 or float64"
+            uri, f"dtype {brief(dtype)} not supported; use float32, float16 or float64"
         )
     if dtype.byteorder == ">":
         raise InputError(uri, f"big-endian dtype {dtype.str} not supported; save little-endian")
@@ -392,13 +380,13 @@ def _parquet_file(uri: str, storage_options: dict | None) -> Iterator[pq.Parquet
         except Exception as exc:
             if not _is_parquet_format_error(exc):
                 raise
-            raise InputError(uri, f"not a readable Parquet file ({brief_text(exc)})") from None
+            raise InputError(uri, f"not a readable Parquet file ({brief(exc)})") from None
         try:
             yield pf
         except Exception as exc:
             if not _is_parquet_format_error(exc):
                 raise
-            raise InputError(uri, f"corrupt Parquet file ({brief_text(exc)})") from None
+            raise InputError(uri, f"corrupt Parquet file ({brief(exc)})") from None
         finally:
             pf.close()
 
@@ -419,7 +407,7 @@ def _embedding_dtype(uri: str, t: pa.DataType) -> str:
         return "float32" if t.value_type == pa.float32() else "float64"
     raise InputError(
         uri,
-        f"column '{EMBEDDING_COLUMN}' has type {brief_text(t)}, expected list<float32> or "
+        f"column '{EMBEDDING_COLUMN}' has type {brief(t)}, expected list<float32> or "
         "fixed_size_list<float32>",
     )
 
@@ -428,7 +416,7 @@ def _inspect_parquet(uri: str, dim: int | None, storage_options: dict | None) ->
     with _parquet_file(uri, storage_options) as pf:
         schema = pf.schema_arrow
         if not _unique_column(uri, schema, EMBEDDING_COLUMN):
-            cols = brief_text(", ".join(schema.names) or "none")
+            cols = brief(", ".join(schema.names) or "none")
             raise InputError(uri, f"no column '{EMBEDDING_COLUMN}' (columns: {cols})")
         emb_type = schema.field(EMBEDDING_COLUMN).type
         dtype = _embedding_dtype(uri, emb_type)
@@ -436,7 +424,7 @@ def _inspect_parquet(uri: str, dim: int | None, storage_options: dict | None) ->
         if has_ids and not pa.types.is_integer(schema.field(ID_COLUMN).type):
             t = schema.field(ID_COLUMN).type
             raise InputError(
-                uri, f"column '{ID_COLUMN}' has type {brief_text(t)}, expected an integer type"
+                uri, f"column '{ID_COLUMN}' has type {brief(t)}, expected an integer type"
             )
         n = int(pf.metadata.num_rows)
         if pa.types.is_fixed_size_list(emb_type):

@@ -20,8 +20,10 @@ from ltc_ray.errors import InputError
 
 __all__ = [
     "file_size",
+    "file_stamp",
     "is_local_fs",
     "join_uri",
+    "list_known_tree",
     "open_uri",
     "read_bytes_range",
     "require_file",
@@ -91,6 +93,34 @@ def file_size(uri: str, storage_options: dict | None = None) -> int:
     """Size of the file at ``uri`` in bytes."""
     fs, path = url_to_fs(uri, storage_options)
     return int(fs.size(path))
+
+
+def file_stamp(fs: fsspec.AbstractFileSystem, path: str) -> dict:
+    """Size, modification time and (object stores) ETag of a file: what a job's marker
+    records of a file it wrote, so a file saved over it since no longer matches (the jobs
+    replace only their own unchanged files)."""
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    try:
+        modified = fs.modified(path).isoformat()
+    except (NotImplementedError, AttributeError, KeyError):
+        modified = None
+    etag = info.get("ETag") or info.get("etag")
+    return {"bytes": int(info["size"]), "modified": modified,
+            "etag": str(etag) if etag is not None else None}
+
+
+def list_known_tree(fs: fsspec.AbstractFileSystem, path: str,
+                    top_names: set[str]) -> tuple[list[str], set[str]]:
+    """``(unknown top-level names, every file under path relative to it)`` of a directory
+    a job means to replace. Files are listed only when every top-level entry is one of
+    ``top_names``: a user's tree is never walked."""
+    path = path.rstrip("/")
+    top = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+    unknown = sorted(top - top_names)
+    if unknown:
+        return unknown, set()
+    return [], {p[len(path) + 1:] for p in fs.find(path) if p.startswith(path + "/")}
 
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:

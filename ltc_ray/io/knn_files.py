@@ -22,8 +22,8 @@ from typing import IO
 
 import numpy as np
 
-from ltc_ray.errors import InputError, WorkFileError
-from ltc_ray.io.features import brief_text, parse_npy_header
+from ltc_ray.errors import InputError, WorkFileError, brief
+from ltc_ray.io.features import parse_npy_header
 from ltc_ray.io.fs import is_local_fs, require_file, url_to_fs, write_bytes_atomic
 
 __all__ = [
@@ -69,17 +69,17 @@ def _ltc_member(
             names = zf.namelist()
             if _LTC_MEMBER not in names:
                 keys = ", ".join(n.removesuffix(".npy") for n in names) or "none"
-                raise InputError(uri, f"no array 'data' in the npz (keys: {brief_text(keys)})")
+                raise InputError(uri, f"no array 'data' in the npz (keys: {brief(keys)})")
             try:  # (encrypted or unknown compression: RuntimeError / NotImplementedError)
                 member = zf.open(_LTC_MEMBER)
             except (*_ZIP_ERRORS, NotImplementedError, RuntimeError) as exc:
-                raise InputError(uri, f"corrupt .npz ({brief_text(exc)})") from None
+                raise InputError(uri, f"corrupt .npz ({brief(exc)})") from None
             with member:
                 try:
                     n, k, dtype = _check_member_header(member, uri)
                     yield member, n, k, dtype
                 except _ZIP_ERRORS as exc:
-                    raise InputError(uri, f"corrupt .npz ({brief_text(exc)})") from None
+                    raise InputError(uri, f"corrupt .npz ({brief(exc)})") from None
 
 
 def _check_member_header(member: IO[bytes], uri: str) -> tuple[int, int, np.dtype]:
@@ -93,11 +93,11 @@ def _check_member_header(member: IO[bytes], uri: str) -> tuple[int, int, np.dtyp
         )
     if len(shape) != 3 or shape[1] != 2:
         raise InputError(
-            uri, f"array 'data' has shape {brief_text(shape)}, expected (N, 2, k)"
+            uri, f"array 'data' has shape {brief(shape)}, expected (N, 2, k)"
         )
     if dtype.name not in _LTC_DTYPES or dtype.byteorder == ">":
         raise InputError(
-            uri, f"array 'data' has dtype {brief_text(dtype.str)}, expected float64 or float32"
+            uri, f"array 'data' has dtype {brief(dtype.str)}, expected float64 or float32"
         )
     if fortran:
         raise InputError(uri, "array 'data' is Fortran-ordered; expected C order")
@@ -294,7 +294,7 @@ def load_knn_block(
     except (ValueError, OSError, EOFError, KeyError, *_ZIP_ERRORS) as exc:
         if "allow_pickle" in str(exc):
             raise WorkFileError(uri, "pickled arrays are refused (object dtype)") from None
-        raise WorkFileError(uri, f"not a readable kNN block ({brief_text(exc)})") from None
+        raise WorkFileError(uri, f"not a readable kNN block ({brief(exc)})") from None
     missing = sorted({"ids", "sims", "start"} - set(arrays))
     if missing:
         raise WorkFileError(uri, f"kNN block lacks arrays {missing}")

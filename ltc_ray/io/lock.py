@@ -19,11 +19,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import psutil
 
-from ltc_ray.errors import InputError
+from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import current_umask, is_local_fs, join_uri, url_to_fs
 
 log = logging.getLogger("ltc_ray")
@@ -32,6 +33,7 @@ LOCK = "_LOCK"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
 STALE_ENV = "LTC_RAY_LOCK_STALE_SECONDS"
+T = TypeVar("T")
 
 
 def _stale_after() -> float:
@@ -137,6 +139,12 @@ class OutputLock:
             except Exception as exc:  # noqa: BLE001 - a missed beat is retried next time
                 log.warning("output %s: could not renew the lock: %s", self.output, exc)
 
+    def ensure_held(self) -> None:
+        """Raise before a commit when the lease is no longer this job's (taken over as
+        stale while this job was stalled): never commit over another job's work."""
+        if not self.holds():
+            raise RuntimeError(f"lost the lock on {self.output} to another job; not committing")
+
     def holds(self) -> bool:
         """Whether the lease on storage is still this job's."""
         holder = _read_lease(self.fs, self.path)
@@ -169,9 +177,18 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def output_lock(output: str, run_id: str,
-                storage_options: dict | None = None) -> Iterator[OutputLock]:
-    """``with output_lock(uri, run_id):`` the one writer of ``uri`` for the block."""
+def sole_writer(output: str, run_id: str, storage_options: dict | None,
+                check: Callable[[], T]) -> Iterator[tuple[OutputLock, T]]:
+    """``with sole_writer(uri, run_id, so, check) as (lock, checked):`` hold ``uri``'s lock
+    for the block. ``check`` (the location's ownership test, already run before the cheap
+    checks) runs again under the lock, since another job may have committed there
+    meanwhile; its result is ``checked``. Storage failures here are one-line InputErrors."""
     lock = OutputLock(output, run_id, storage_options)
-    with lock:
-        yield lock
+    with storage_errors(output):
+        lock.acquire()
+    try:
+        with storage_errors(output):
+            checked = check()
+        yield lock, checked
+    finally:
+        lock.release()

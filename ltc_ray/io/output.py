@@ -22,8 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ltc_ray.errors import InputError
-from ltc_ray.io.fs import is_local_fs, join_uri, open_uri, url_to_fs, write_bytes_atomic
+from ltc_ray.errors import InputError, brief
+from ltc_ray.io.fs import (
+    is_local_fs,
+    join_uri,
+    list_known_tree,
+    open_uri,
+    url_to_fs,
+    write_bytes_atomic,
+)
 from ltc_ray.redact import redact
 
 SUCCESS = "_SUCCESS"
@@ -146,22 +153,20 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
         raise InputError(uri, "output path is a file; expected a directory (or a new path)")
     if not fs.isdir(path):
         return OutputState()
-    top = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-    foreign = sorted(top - OUTPUT_NAMES)
-    files = set()
-    if not foreign:  # only then look inside clusters/ (never walk a user's tree)
-        found = fs.find(path)
-        files = {f[len(path) + 1:] for f in found if f.startswith(path + "/")} - {LOCK}
-    success = _manifest_paths(fs, path, SUCCESS, uri) if not foreign else None
-    pending = _manifest_paths(fs, path, COMMITTING, uri) if not foreign else None
-    owned = (success or set()) | (pending or set()) | {SUCCESS, COMMITTING}
-    # only names ltc-ray writes can be vouched for: a forged manifest cannot adopt a file
-    owned = {rel for rel in owned if rel in OUTPUT_NAMES or PART_NAME.fullmatch(rel)}
-    foreign = foreign or sorted(files - owned)
+    foreign, files = list_known_tree(fs, path, OUTPUT_NAMES)
+    files -= {LOCK}
+    success = None
+    if not foreign:
+        success = _manifest_paths(fs, path, SUCCESS, uri)
+        pending = _manifest_paths(fs, path, COMMITTING, uri)
+        owned = (success or set()) | (pending or set()) | {SUCCESS, COMMITTING}
+        # only names ltc-ray writes can be vouched for: a forged manifest cannot adopt a file
+        owned = {rel for rel in owned if rel in OUTPUT_NAMES or PART_NAME.fullmatch(rel)}
+        foreign = sorted(files - owned)
     if foreign:
         raise InputError(
             uri, f"output directory holds files ltc-ray did not write (e.g. "
-            f"'{shorten(foreign[0])}'); refusing to touch it whatever the flags: choose a new "
+            f"'{brief(foreign[0])}'); refusing to touch it whatever the flags: choose a new "
             "(or empty) output path",
         )
     return OutputState(exists=True, completed=success is not None, owned=sorted(files))
@@ -193,8 +198,11 @@ def overlaps(a: str, b: str, storage_options: dict | None = None) -> bool:
     if pa_ != pb_:
         return False
     a_path, b_path = a_path.rstrip("/") or "/", b_path.rstrip("/") or "/"
-    inside = (lambda x, y: x == y or x.startswith(y.rstrip("/") + "/"))  # noqa: E731
-    return inside(a_path, b_path) or inside(b_path, a_path)
+
+    def within(inner: str, outer: str) -> bool:
+        return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+    return within(a_path, b_path) or within(b_path, a_path)
 
 
 def check_output_disjoint(output: str, others: dict[str, str | None],
@@ -204,7 +212,7 @@ def check_output_disjoint(output: str, others: dict[str, str | None],
     for role, uri in others.items():
         if uri and overlaps(output, uri, storage_options):
             raise InputError(
-                output, f"output location overlaps the {role} ({shorten(uri)}); choose an "
+                output, f"output location overlaps the {role} ({brief(uri)}); choose an "
                 f"output outside every input and the work directory ({flag})",
             )
 
@@ -268,11 +276,6 @@ def commit(
     fs.rm(f"{out_path}/{COMMITTING}")
 
 
-def shorten(text: str, limit: int = 80) -> str:
-    """A user-supplied string cut to ``limit`` characters for an error message."""
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
 
 _MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists one entry per file: far below this
 _PATH_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -305,7 +308,7 @@ def _check_manifest(manifest: Any, uri: str) -> dict:
                          "not a manifest ltc-ray wrote")
     fmt = manifest.get("format")
     if fmt is not None and fmt != MANIFEST_FORMAT:
-        raise InputError(uri, f"has format {shorten(repr(fmt))}; this ltc-ray reads "
+        raise InputError(uri, f"has format {brief(repr(fmt))}; this ltc-ray reads "
                          f"{MANIFEST_FORMAT} (and older manifests without a format)")
     files = manifest.get("files")
     if not isinstance(files, list):
@@ -317,26 +320,26 @@ def _check_manifest(manifest: Any, uri: str) -> dict:
             raise InputError(uri, f"files[{i}] is not an object with 'path' and 'rows'")
         path = entry.get("path")
         if not _is_inside_path(path):
-            shown = shorten(repr(path)) if isinstance(path, str) else type(path).__name__
+            shown = brief(repr(path)) if isinstance(path, str) else type(path).__name__
             raise InputError(uri, f"files[{i}].path {shown} is not a relative path inside the "
                              "output; refusing to read it")
         if path in seen:
-            raise InputError(uri, f"lists {shorten(path)} twice")
+            raise InputError(uri, f"lists {brief(path)} twice")
         seen.add(path)
         rows = entry.get("rows")
         is_part = path.startswith(CLUSTERS_DIR + "/")
         if not (_is_count(rows) or (rows is None and not is_part)):
-            raise InputError(uri, f"files[{i}].rows ({shorten(path)}) is not a non-negative "
+            raise InputError(uri, f"files[{i}].rows ({brief(path)}) is not a non-negative "
                              "integer")
         if "bytes" in entry and not _is_count(entry["bytes"]):
-            raise InputError(uri, f"files[{i}].bytes ({shorten(path)}) is not a non-negative "
+            raise InputError(uri, f"files[{i}].bytes ({brief(path)}) is not a non-negative "
                              "integer")
         part_rows += rows if is_part else 0
     if not any(p.startswith(CLUSTERS_DIR + "/") for p in seen):
         raise InputError(uri, f"lists no cluster part ({CLUSTERS_DIR}/...); nothing to read")
     total = manifest.get("rows", part_rows)
     if not _is_count(total) or total != part_rows:
-        raise InputError(uri, f"says rows={shorten(repr(total))} but its cluster parts list "
+        raise InputError(uri, f"says rows={brief(repr(total))} but its cluster parts list "
                          f"{part_rows} rows")
     return manifest
 

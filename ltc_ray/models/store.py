@@ -23,7 +23,14 @@ import torch
 
 import ltc_ray
 from ltc_ray.errors import InputError, storage_errors
-from ltc_ray.io.fs import join_uri, open_uri, uri_exists, url_to_fs, write_bytes_atomic
+from ltc_ray.io.fs import (
+    join_uri,
+    list_known_tree,
+    open_uri,
+    uri_exists,
+    url_to_fs,
+    write_bytes_atomic,
+)
 from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
 from ltc_ray.models.gcn_e import GCNE
 from ltc_ray.models.gcn_v import GCNV
@@ -171,12 +178,9 @@ def check_model_location(uri: str, overwrite: bool,
         raise InputError(uri, "model output path is a file; expected a directory")
     if not fs.isdir(path):
         return []
-    top = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-    foreign = sorted(top - {WEIGHTS, MODEL_JSON, "gcn-v", "gcn-e", LOCK})
-    files = set()
-    if not foreign:
-        files = {f[len(path) + 1:] for f in fs.find(path)} - {LOCK}
-        foreign = sorted(files - _model_files())
+    foreign, files = list_known_tree(fs, path, {WEIGHTS, MODEL_JSON, "gcn-v", "gcn-e", LOCK})
+    files -= {LOCK}
+    foreign = foreign or sorted(files - _model_files())
     if foreign:
         raise InputError(uri, f"holds files that are not an ltc-ray model (e.g. "
                          f"'{foreign[0][:80]}'); refusing to write there whatever the flags: "

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import platform
 import time
-import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -37,7 +36,7 @@ from ltc_ray.io.features import (
 from ltc_ray.io.fs import file_size, join_uri, uri_exists, url_to_fs
 from ltc_ray.io.knn_files import check_ltc_knn
 from ltc_ray.io.labels import read_labels
-from ltc_ray.io.lock import OutputLock
+from ltc_ray.io.lock import OutputLock, sole_writer
 from ltc_ray.io.output import (
     METRICS,
     RUN,
@@ -58,7 +57,14 @@ from ltc_ray.pipeline.cluster_stage import (
     score_stage,
 )
 from ltc_ray.pipeline.knn_stage import build_knn_graph, import_ltc_knn
-from ltc_ray.pipeline.runtime import StageLog, init_ray, peak_rss_bytes, ray_get, wait_all
+from ltc_ray.pipeline.runtime import (
+    StageLog,
+    init_ray,
+    new_run_id,
+    peak_rss_bytes,
+    ray_get,
+    wait_all,
+)
 from ltc_ray.pipeline.stages import (
     StageStore,
     fingerprint,
@@ -495,20 +501,14 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     so = spec.storage_options
     method = get_method(cfg.method, cfg, spec.storage_options)
     info = preflight(spec, method)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
     stages = StageLog()
     store = StageStore(spec.resolved_work_dir, so)  # completed stages of earlier runs
-    lock = OutputLock(spec.output, run_id, so)
-    with storage_errors(spec.output):
-        lock.acquire()
-    log.info("run %s: %s, N=%d, D=%d, method=%s, output=%s", run_id, spec.features,
-             info.n_rows, info.dim, cfg.method, spec.output)
-    try:
-        with storage_errors(spec.output):  # again, now as the location's one writer
-            check_output_location(spec.output, spec.overwrite, so)
+    with sole_writer(spec.output, run_id, so,
+                     lambda: check_output_location(spec.output, spec.overwrite, so)) as (lock, _):
+        log.info("run %s: %s, N=%d, D=%d, method=%s, output=%s", run_id, spec.features,
+                 info.n_rows, info.dim, cfg.method, spec.output)
         return _run_locked(spec, method, info, run_id, stages, store, lock, t_start)
-    finally:
-        lock.release()
 
 
 def _run_locked(spec: JobSpec, method: ClusterMethod, info: FeatureInfo, run_id: str,
@@ -570,8 +570,7 @@ def _run_locked(spec: JobSpec, method: ClusterMethod, info: FeatureInfo, run_id:
         run_record["metrics"] = metrics
     write_json(join_uri(staging, RUN), run_record, so)
     with stages.stage("commit"):
-        if not lock.holds():
-            raise RuntimeError(f"lost the lock on {spec.output} to another job; not committing")
+        lock.ensure_held()
         commit(staging, spec.output, part_rows, run_id, so)
     _remove(staging, so)
     # the write stage is never skipped (its completion is _SUCCESS); its marker records

@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,12 @@ log = logging.getLogger("ltc_ray")
 # Loopback-only local clusters, and one auth mode for `ray start` and the job CLI
 # (Ray >= 2.59 enables token auth on local clusters by default).
 LOCAL_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def new_run_id() -> str:
+    """A run's id: UTC start time plus a random suffix (sortable, unique across drivers);
+    names its staging prefix, its output lock and its ``_SUCCESS``."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
 
 def init_ray(num_cpus: int | None = None) -> dict[str, float]:

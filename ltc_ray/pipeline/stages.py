@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import ray
 
-from ltc_ray.errors import InputError, WorkFileError
+from ltc_ray.errors import InputError, WorkFileError, brief
 from ltc_ray.graph.knn_graph import MANIFEST, KnnManifest
-from ltc_ray.io.features import FeatureInfo, brief_text
+from ltc_ray.io.features import FeatureInfo
 from ltc_ray.io.fs import is_local_fs, join_uri, url_to_fs, write_bytes_atomic
 from ltc_ray.pipeline.runtime import ray_get
 
@@ -388,7 +388,7 @@ def _check_zip(uri: str, data: bytes) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             bad = zf.testzip()
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
-        raise WorkFileError(uri, f"unreadable right after it was written ({brief_text(exc)})"
+        raise WorkFileError(uri, f"unreadable right after it was written ({brief(exc)})"
                             ) from None  # fmt: skip
     if bad is not None:
         raise WorkFileError(uri, f"member {bad} fails its CRC right after it was written")
@@ -443,7 +443,7 @@ def load_npy(uri: str, storage_options: dict | None = None, sha256: str | None =
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise WorkFileError(uri, f"not a readable .npy ({brief_text(exc)})") from None
+        raise WorkFileError(uri, f"not a readable .npy ({brief(exc)})") from None
 
 
 @ray.remote(num_cpus=0, max_retries=3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import asdict
 
 import numpy as np
@@ -30,13 +29,13 @@ from ltc_ray.io.features import (
 )
 from ltc_ray.io.fs import join_uri, url_to_fs
 from ltc_ray.io.labels import read_labels
-from ltc_ray.io.lock import OutputLock
+from ltc_ray.io.lock import sole_writer
 from ltc_ray.io.output import check_output_disjoint
 from ltc_ray.metrics import evaluate, pairwise_prf
 from ltc_ray.models.store import MODEL_JSON, WEIGHTS, check_model_location
 from ltc_ray.pipeline.job import JobSpec, inputs_and_graph
 from ltc_ray.pipeline.knn_stage import build_knn_graph
-from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
+from ltc_ray.pipeline.runtime import new_run_id, peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
 TRAINABLE = ("gcn-v", "gcn-ve", "hard-clusters")
@@ -301,25 +300,18 @@ def train(
         check_output_disjoint(output, {
             "feature file": features, "label file": labels, "kNN file": knn,
             "work directory (--work-dir)": spec.resolved_work_dir}, storage_options)
-        old_files = check_model_location(output, overwrite, storage_options)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    lock = OutputLock(output, run_id, storage_options)
-    with storage_errors(output):
-        lock.acquire()
-    try:
-        with storage_errors(output):  # again, now as the location's one writer
-            old_files = check_model_location(output, overwrite, storage_options)
+        check_model_location(output, overwrite, storage_options)
+    with sole_writer(output, new_run_id(), storage_options,
+                     lambda: check_model_location(output, overwrite, storage_options)
+                     ) as (lock, old_files):  # fmt: skip
         meta = _train_locked(method, spec, train_cfg, edge_cfg, rho)
-        if not lock.holds():
-            raise RuntimeError(f"lost the lock on {output} to another job")
+        lock.ensure_held()
         written = {f"{sub}{name}" for sub in (("gcn-v/", "gcn-e/") if method == "gcn-ve"
                                               else ("",)) for name in (WEIGHTS, MODEL_JSON)}
         for rel in sorted(set(old_files) - written):  # an earlier model's leftovers only
             _, path = url_to_fs(join_uri(output, rel), storage_options)
             url_to_fs(output, storage_options)[0].rm(path)
         return meta
-    finally:
-        lock.release()
 
 
 def _train_locked(method: str, spec: JobSpec, train_cfg, edge_cfg, rho: float) -> dict:

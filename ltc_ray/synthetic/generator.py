@@ -25,15 +25,18 @@ baselines: 0.68-0.75) and a label-perfect kNN-edge oracle scores above 0.99.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 from tqdm import tqdm
 
 from ltc_ray.errors import InputError
+from ltc_ray.io.fs import file_stamp
 
 # Published MS1M split sizes (learn-to-cluster README / wiki).
 MS1M_IDS_PER_PART = 8573
@@ -302,8 +305,6 @@ class _Sink:
             self._tmp = path + ".tmp"
             self._file = open(self._tmp, "wb")
         else:
-            import fsspec
-
             fs, fs_path = fsspec.core.url_to_fs(path)
             fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
             self._file = fsspec.open(path, "wb").open()
@@ -425,23 +426,9 @@ def make_benchmark(
 WRITTEN_MARKER = ".ltc-ray-synthetic.json"  # the files make_benchmark wrote under a root
 
 
-def _version(fs, path: str) -> list | None:
-    """Size and modification time of a file (None: no file): what proves it unchanged."""
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        return None
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-    return [int(info.get("size") or 0), str(stamp)]
-
-
 def _check_replaceable(root: str, targets: list[str], overwrite: bool) -> dict:
     """Refuse to replace a file this function did not write (or that changed since), and
     any existing file without ``overwrite``. Returns the marker's record."""
-    import json
-
-    import fsspec
-
     fs, root_path = fsspec.core.url_to_fs(root)
     try:
         record = json.loads(fs.cat_file(f"{root_path}/{WRITTEN_MARKER}"))["files"]
@@ -453,9 +440,9 @@ def _check_replaceable(root: str, targets: list[str], overwrite: bool) -> dict:
         record = {}  # unreadable: vouches for nothing
     for uri in targets:
         path = fsspec.core.url_to_fs(uri)[1]
-        current = _version(fs, path)
-        if current is None:
+        if not fs.exists(path):
             continue
+        current = file_stamp(fs, path)
         rel = path[len(root_path.rstrip("/")) + 1:]
         if record.get(rel) != current:
             raise InputError(uri, "exists and was not written by make_synthetic (or changed "
@@ -469,13 +456,9 @@ def _check_replaceable(root: str, targets: list[str], overwrite: bool) -> dict:
 
 def _record_written(root: str, targets: list[str], record: dict) -> None:
     """Add the files just written to the root's marker."""
-    import json
-
-    import fsspec
-
     fs, root_path = fsspec.core.url_to_fs(root)
     for uri in targets:
         path = fsspec.core.url_to_fs(uri)[1]
-        record[path[len(root_path.rstrip("/")) + 1:]] = _version(fs, path)
+        record[path[len(root_path.rstrip("/")) + 1:]] = file_stamp(fs, path)
     with fsspec.open(f"{root.rstrip('/')}/{WRITTEN_MARKER}", "w") as fh:
         fh.write(json.dumps({"files": record}, indent=1, sort_keys=True))
