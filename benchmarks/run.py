@@ -1,6 +1,6 @@
 """Side-by-side benchmark harness: our pipeline stages against single-process references.
 
-    python benchmarks/run.py --suite cpu-quick --json OUT.json [--rates benchmarks/rates.json]
+    python benchmarks/run.py --suite cpu-quick --json OUT.json [--rates ltc_ray/data/rates.json]
 
 Every measurement runs in a fresh subprocess (``ours`` and ``reference`` alternating,
 ABAB, median of the repeats), so each side's peak RSS is its own: the child reports its
@@ -18,8 +18,10 @@ report theirs the same way. Cases:
 - ``gcn-v``: partitioned GCN-V inference on halo actors vs whole-graph inference in one
   process (random-weight model; scores must agree to 1e-5).
 
-It also checks the memory model (``ltc_ray.pipeline.plan``) against the measured peaks
-(flag: more than 25% off) and can write the measured rates for ``cluster --dry-run``.
+It also checks the memory model (``ltc_ray.pipeline.plan`` and the methods' own
+``cluster/gcn_v/plan.py``, ``cluster/hard_clusters/plan.py``) against the measured peaks
+(flag: more than 25% off) and can write the measured rates for ``cluster --dry-run``
+(``--rates ltc_ray/data/rates.json``: package data, so an installed ltc-ray plans with them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+# the rates record the planner ships as package data (ltc_ray.plan_model.load_rates)
+RATES_FILE = REPO / "ltc_ray" / "data" / "rates.json"
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 MERGE_THRESHOLD = 0.7
 TOLERANCE = 0.25  # memory model: flag predictions off by more than this
@@ -123,7 +127,7 @@ def _worker_baseline(ray) -> int:
 
             import ltc_ray.pipeline.halo  # noqa: F401
             import ltc_ray.pipeline.knn_stage  # noqa: F401
-            from ltc_ray.pipeline.runtime import peak_rss_bytes
+            from ltc_ray.runtime import peak_rss_bytes
 
             return peak_rss_bytes()
 
@@ -303,7 +307,7 @@ def _gcn_ours(p: dict) -> dict:
     from ltc_ray.graph.knn_graph import load_manifest
     from ltc_ray.io.features import inspect_features
     from ltc_ray.pipeline.cluster_stage import score_stage
-    from ltc_ray.pipeline.runtime import StageLog, ray_get
+    from ltc_ray.runtime import StageLog, ray_get
 
     ray = _ray_start(p["cpus"])
     info = inspect_features(p["features"])
@@ -312,7 +316,8 @@ def _gcn_ours(p: dict) -> dict:
     bounds, ranges = _even_ranges(info.n_rows, p["partitions"])
     log = StageLog()
     t0 = time.perf_counter()
-    scores, _ = score_stage(method, manifest, ranges, float(p["cpus"]), None, log, info=info)
+    scores, _, _ = score_stage(method, manifest, ranges, float(p["cpus"]), None, log,
+                               info=info)
     scores = np.concatenate(ray_get(scores))
     seconds = time.perf_counter() - t0
     extra = log.stages["score"].extra
@@ -340,7 +345,7 @@ def _gcn_ref(p: dict) -> dict:
     x = read_features(info, 0, info.n_rows)
     knn_ids, knn_sims = read_knn_rows(manifest, 0, info.n_rows)
     adj = whole_graph_adjacency(knn_ids, knn_sims)
-    whole, _ = predict(method.model(), x, aggregate(adj, x))
+    whole, _ = predict(method.inference.net(), x, aggregate(adj, x))
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds}
     if os.path.exists(p["out"] + ".npy"):
@@ -360,11 +365,11 @@ def _hc_method(p: dict):
 def _hc_ours(p: dict) -> dict:
     """The job's score (edge scorer + NDDE on edge actors), link (TPDi on link actors) and
     merge stages over the prepared graph; the stage times give per-stage slopes."""
+    from ltc_ray.cluster.hard_clusters.rescore import rescore_and_density
     from ltc_ray.graph.knn_graph import load_manifest
     from ltc_ray.io.features import inspect_features
     from ltc_ray.pipeline.cluster_stage import link_merge_stage
-    from ltc_ray.pipeline.rescore import rescore_and_density
-    from ltc_ray.pipeline.runtime import StageLog, ray_get
+    from ltc_ray.runtime import StageLog, ray_get
 
     ray = _ray_start(p["cpus"])
     info = inspect_features(p["features"])
@@ -417,9 +422,9 @@ def _hc_ref(p: dict) -> dict:
     t0 = time.perf_counter()
     x = read_features(info, 0, info.n_rows)
     knn_ids, _ = read_knn_rows(manifest, 0, info.n_rows)
-    ids, prob = method.rescore(knn_ids.astype(np.int64), lambda q: x[q])
+    ids, prob = method.rescore_rows(knn_ids.astype(np.int64), lambda q: x[q], "cpu")
     density, _ = ndde_density(ids, prob, method.params.density_k, method.params.density_sigma)
-    link = method.link(PartitionInput(0, len(ids), ids, prob), density.astype(np.float32))
+    link = method.link_whole(PartitionInput(0, len(ids), ids, prob), density.astype(np.float32))
     cluster_id, sizes, _ = merge_edges(len(ids), [(link.src, link.dst)])
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "clusters": len(sizes)}
@@ -520,14 +525,9 @@ def measure(case: str, params: dict, repeats: int) -> dict:
 
 def memory_checks(entry: dict, n: int, dim: int, k: int, hidden: int, base: dict) -> list[dict]:
     """Predicted (memory model) vs measured peak RSS for the processes this case ran."""
-    from ltc_ray.pipeline.plan import (
-        driver_memory,
-        edge_actor_memory,
-        inference_actor_memory,
-        knn_actor_memory,
-        link_actor_memory,
-        merge_memory,
-    )
+    from ltc_ray.cluster.gcn_v.plan import inference_actor_memory
+    from ltc_ray.cluster.hard_clusters.plan import edge_actor_memory, link_actor_memory
+    from ltc_ray.pipeline.plan import driver_memory, knn_actor_memory, merge_memory
 
     d = entry["ours_detail"]
     out = []
@@ -889,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=sorted(SUITES))
     ap.add_argument("--json", metavar="OUT", help="write the results here")
-    ap.add_argument("--rates", metavar="OUT", help="write the measured rates (rates.json)")
+    ap.add_argument("--rates", metavar="OUT", help="write the measured rates (the ones "
+                    f"cluster --dry-run plans with: {RATES_FILE.relative_to(REPO)})")
     ap.add_argument("--work", help="scratch directory (default: a new temp dir)")
     ap.add_argument("--repeats", type=int, help="override the suite's repeat count")
     ap.add_argument("--cases", help="comma-separated subset of the suite's cases")

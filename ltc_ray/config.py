@@ -16,12 +16,16 @@ import functools
 import math
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from ltc_ray.errors import ECHO_CHARS, InputError, brief
+from ltc_ray.cluster import REGISTRY
+from ltc_ray.errors import InputError, brief
+from ltc_ray.params import NEIGHBOURS, ROWS, SHARE, WORKERS, Range, field_choices, field_ranges
+from ltc_ray.params import shown as shown  # re-exported: the loader's echo of user values
 
 
 @dataclass
@@ -47,148 +51,24 @@ class KnnConfig:
     reuse: bool = True  # reuse a precomputed learn-to-cluster faiss_k_<k>.npz when present
 
 
-@dataclass
-class KnnCCParams:
-    """Keep kNN edges with similarity >= threshold; clusters = connected components."""
-
-    threshold: float = 0.70  # tuned on synthetic part0_train (jobs/tune.py), see README
+def _params_of(self, name: str) -> Any:
+    """The params of method ``name`` (its YAML name, e.g. "knn-cc")."""
+    return getattr(self, name.replace("-", "_"))
 
 
-@dataclass
-class DensityPeakParams:
-    """Score = mean similarity to the first ``neighbors`` neighbours (self excluded; capped
-    at k - 1);
-    link each node to its nearest neighbour of strictly higher score when sim > tau."""
-
-    neighbors: int = 10
-    tau: float = 0.64  # tuned on synthetic part0_train (jobs/tune.py), see README
-
-
-@dataclass
-class GCNVParams:
-    """GCN-V: a trained model's confidence, then density-peak-style linking."""
-
-    model: str = ""  # model directory written by jobs/train.py (required; --model URI)
-    tau: float | None = None  # link when cosine > tau; None = the tau tuned with the model
-    # link on a new kNN of the GCN's own 512-d features (the paper's pass, threshold tau2);
-    # off by default: on the synthetic benchmark it scores better on train, worse on test
-    feature_pass: bool = False
-    tau2: float | None = None  # threshold of the feature pass; None = tuned with the model
-    batch_rows: int = 65536  # inference rows per forward pass inside a partition
+@functools.cache
+def _methods_type(methods: tuple[tuple[str, type], ...]) -> type:
+    """A dataclass with one params field per registered method (its YAML name with
+    underscores), so the loader validates and prints them like any other section."""
+    fields = [(name.replace("-", "_"), params, field(default_factory=params))
+              for name, params in methods]
+    return dataclasses.make_dataclass("MethodsConfig", fields, namespace={"of": _params_of})
 
 
-@dataclass
-class GCNVEParams:
-    """GCN-V + GCN-E: a model directory from ``jobs/train.py --method gcn-ve``."""
-
-    model: str = ""  # directory holding gcn-v/ and gcn-e/ (required; --model URI)
-    rho: float | None = None  # share of most confident nodes that use GCN-E; None = trained
-    tau: float | None = None  # keep a parent edge when cosine (GCN features) > tau
-    batch_rows: int = 65536  # GCN-V inference rows per forward pass
-    batch_size: int = 256  # GCN-E candidate subgraphs per forward pass
-
-
-@dataclass
-class HardClustersParams:
-    """hard-clusters (Chen et al. 2022): a model directory from ``jobs/train.py --method
-    hard-clusters`` (edge scorer), NDDE density and TPDi-distance density-peak linking."""
-
-    model: str = ""  # edge scorer directory (required; --model URI)
-    tau: float | None = None  # keep a parent edge when TPDi < tau; None = recorded with model
-    density: str = "approximate"  # NDDE: approximate (one step) | iterative (diffusion)
-    density_k: int = 20  # neighbours in the NDDE transition rows (self included)
-    density_sigma: float = 0.5  # NDDE softmax temperature on d' = 1 - p
-    damping: float = 0.1  # iterative NDDE: rho <- d rho + (1 - d) P^T rho
-    eps: float = 0.05  # iterative NDDE: stop when ||delta rho||_1 < eps
-    max_iter: int = 100  # iterative NDDE: iterations at most
-    tpdi_sigma: float = 0.05  # TPDi softmax temperature on d'
-    batch_size: int = 256  # anchors per edge-scorer forward pass (each pass is padded to it)
-    # halo an edge or link actor fetches at once (features; re-scored rows); a larger halo
-    # (rows in random order at scale: the whole corpus) is fetched per chunk of rows
-    # instead, with more requests and the same results
-    halo_bytes: int = 1 << 28
-
-
-@dataclass
-class InfomapParams:
-    """Infomap on the kNN graph with edges of cosine >= threshold, weighted by cosine
-    (two-level, undirected, seeded by ``seed``); one process, see cluster/whole_graph.py."""
-
-    threshold: float = 0.59  # tuned on synthetic part0_train (jobs/tune.py), see README
-    trials: int = 2  # Infomap trials (the best partition is kept)
-
-
-@dataclass
-class ChineseWhispersParams:
-    """Chinese whispers on the kNN graph with edges of cosine >= threshold (cosine-weighted
-    votes, a seeded random half of the nodes updated per round)."""
-
-    threshold: float = 0.54  # tuned on synthetic part0_train (jobs/tune.py), see README
-    iterations: int = 20  # rounds at most (stops early when no label would change)
-
-
-@dataclass
-class KnnDBSCANParams:
-    """DBSCAN on the kNN cosine-distance graph: core = >= min_samples points (self included)
-    within eps in the kNN row; border points join their nearest core; noise = singletons."""
-
-    eps: float = 0.29  # tuned on synthetic part0_train (jobs/tune.py), see README
-    min_samples: int = 4
-
-
-@dataclass
-class AROParams:
-    """Approximate rank-order (Otto et al.) over each node's top ``neighbors`` list; link
-    pairs with rank-order distance <= threshold, clusters = connected components."""
-
-    threshold: float = 1.25  # tuned on synthetic part0_train (jobs/tune.py), see README
-    neighbors: int = 20  # list length m (capped at k); cost O(N m^2)
-
-
-@dataclass
-class CDPParams:
-    """CDP-style linkage: components of edges with cosine >= threshold, re-cut with the
-    threshold raised by ``step`` while larger than ``max_size``."""
-
-    threshold: float = 0.68  # tuned on synthetic part0_train (jobs/tune.py), see README
-    max_size: int = 300
-    step: float = 0.05
-
-
-@dataclass
-class HACParams:
-    """Average-linkage HAC on the kNN graph (missing pairs = similarity 0), merging while
-    the average cosine is >= threshold (distance 1 - threshold)."""
-
-    threshold: float = 0.21  # tuned on synthetic part0_train (jobs/tune.py), see README
-    max_rounds: int = 1000  # reciprocal-pair merge rounds at most
-
-
-@dataclass
-class KMeansParams:
-    """Spherical faiss k-means on the features; K and the starting centroids from the
-    components of kNN edges with cosine >= threshold, unless n_clusters > 0."""
-
-    threshold: float = 0.71  # tuned on synthetic part0_train (jobs/tune.py), see README
-    n_clusters: int = 0  # > 0: fixed K with seeded random init (nredo restarts)
-    niter: int = 20
-    nredo: int = 3
-
-
-@dataclass
-class MethodsConfig:
-    knn_cc: KnnCCParams = field(default_factory=KnnCCParams)
-    density_peak: DensityPeakParams = field(default_factory=DensityPeakParams)
-    gcn_v: GCNVParams = field(default_factory=GCNVParams)
-    gcn_ve: GCNVEParams = field(default_factory=GCNVEParams)
-    hard_clusters: HardClustersParams = field(default_factory=HardClustersParams)
-    infomap: InfomapParams = field(default_factory=InfomapParams)
-    chinese_whispers: ChineseWhispersParams = field(default_factory=ChineseWhispersParams)
-    knn_dbscan: KnnDBSCANParams = field(default_factory=KnnDBSCANParams)
-    aro: AROParams = field(default_factory=AROParams)
-    cdp: CDPParams = field(default_factory=CDPParams)
-    hac: HACParams = field(default_factory=HACParams)
-    kmeans: KMeansParams = field(default_factory=KMeansParams)
+def methods_config_type() -> type:
+    """The MethodsConfig dataclass of the methods registered now (a method registered
+    later, e.g. a plugin or a test's toy method, gets a section in configs made after)."""
+    return _methods_type(tuple((name, cls.Params) for name, cls in sorted(REGISTRY.items())))
 
 
 @dataclass
@@ -207,21 +87,20 @@ class Config:
     seed: int = 0
     dim: int = 256  # feature dim of .bin inputs (npy/parquet carry their own)
     knn: KnnConfig = field(default_factory=KnnConfig)
-    methods: MethodsConfig = field(default_factory=MethodsConfig)
+    methods: Any = field(default_factory=lambda: methods_config_type()())
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_yaml_names(dataclasses.asdict(self))
 
 
-_CHOICES = {
+_STATIC_CHOICES = {
     "knn.index": ("flat", "ivf"),
     "knn.mode": ("auto", "shard", "replicate"),
     "knn.gpu": ("auto", "never"),
     "knn.backend": ("auto", "faiss", "torch"),
     "knn.precision": ("auto", "fp32", "fp16", "bf16"),
     "cluster.merge": ("auto", "local", "forest"),
-    "methods.hard-clusters.density": ("approximate", "iterative"),
 }
 
 MAX_CONFIG_BYTES = 256 * 1024  # a config file is a few kB; refuse anything near a MiB
@@ -229,153 +108,66 @@ MAX_INT = 1 << 62  # no integer key may exceed this, whatever its own range says
 _METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
-def shown(value: Any, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for echoing user input in a message
-    (a multi-megabyte ``--set`` value or YAML scalar must not become a multi-megabyte line)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-    if isinstance(value, (dict, list)) and len(value) > limit:
-        kind = "mapping" if isinstance(value, dict) else "list"
-        return f"<a {kind} of {len(value)} entries>"
-    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
-    return brief(text, limit)
-
-
-
-@dataclass(frozen=True)
-class Range:
-    """The valid values of one numeric config key or flag: ``low``/``high`` (None: no
-    bound), each inclusive unless ``*_open``. ``what`` names the quantity ("a cosine
-    similarity"): the message then gives the whole interval; ``why_low``/``why_high``
-    say why that bound."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    what: str = ""
-    why_low: str = ""
-    why_high: str = ""
-
-    def problem(self, value: float) -> str | None:
-        """Why ``value`` is not valid (None when it is)."""
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"must be a finite number, got {shown(value)}"
-        low, high = self.low, self.high
-        too_low = low is not None and (value <= low if self.low_open else value < low)
-        too_high = high is not None and (value >= high if self.high_open else value > high)
-        if not (too_low or too_high):
-            return None
-        why = self.why_low if too_low else self.why_high
-        note = f" ({why})" if why else ""
-        if self.what:
-            return f"is {self.what} in {self.interval()}{note}, got {shown(value)}"
-        if too_low:
-            positive = (self.low == 0 and self.low_open) or (
-                self.low == 1 and isinstance(value, int) and not self.low_open)
-            bound = "must be positive" if positive else (
-                f"must be {'>' if self.low_open else '>='} {_num(self.low)}")
-        else:
-            bound = f"must be {'<' if self.high_open else '<='} {_num(self.high)}"
-        return f"{bound}{note}, got {shown(value)}"
-
-    def interval(self) -> str:
-        left = "(" if self.low_open or self.low is None else "["
-        right = ")" if self.high_open or self.high is None else "]"
-        low = "-inf" if self.low is None else _num(self.low)
-        return f"{left}{low}, {_num(self.high)}{right}"
-
-    def check(self, where: str, value: float | None) -> None:
-        """Raise :class:`InputError` naming ``where`` when ``value`` is out of range."""
-        if value is None:
-            return
-        problem = self.problem(value)
-        if problem is not None:
-            raise InputError(where, problem)
-
-
-def _num(x: float | None) -> str:
-    if x is None:
-        return "inf"
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
-
-
-_COSINE = Range(-1.0, 1.0, what="a cosine similarity")
-_SHARE = Range(0.0, 1.0, what="a share")
-_POSITIVE = Range(0, None, low_open=True)
-_SIGMA = Range(1e-6, 1e6, what="a softmax temperature")
-_WORKERS = 4096  # actors, shards, CPUs per actor: more than any cluster has
-_NEIGHBOURS = 4096  # kNN lists longer than this do not fit in memory at scale
-_ROWS = 1 << 24  # rows per batch/block: 16M rows of the smallest payload are GBs
-_ROUNDS = 100_000  # iterations/rounds: more would run for days
-
-# Every numeric key of Config (YAML names), its valid values. test_config checks that
-# every int/float field of every dataclass above has an entry.
-RANGES: dict[str, Range] = {
+# Every numeric key of Config outside ``methods`` (YAML names), its valid values; a
+# method's keys come from its Params fields (``ltc_ray.params.param``). test_config checks
+# that every int/float field has a range (:data:`RANGES`).
+_STATIC_RANGES: dict[str, Range] = {
     "seed": Range(0, (1 << 31) - 2, why_high="faiss and Infomap take 32-bit seeds"),
     "dim": Range(1, 65536),
-    "knn.k": Range(2, _NEIGHBOURS, why_low="self + 1 neighbour"),
+    "knn.k": Range(2, NEIGHBOURS, why_low="self + 1 neighbour"),
     "knn.nlist": Range(0, 1 << 20),
     "knn.nprobe": Range(1, 1 << 20),
-    "knn.shards": Range(0, _WORKERS),
+    "knn.shards": Range(0, WORKERS),
     "knn.shard_max_bytes": Range(1 << 20, 1 << 50,
                                  why_low="1 MiB: smaller shards would start an actor per "
                                          "handful of rows"),
-    "knn.cpus_per_actor": Range(1, _WORKERS),
-    "knn.block_rows": Range(1, _ROWS),
-    "knn.max_in_flight": Range(0, _WORKERS),
+    "knn.cpus_per_actor": Range(1, WORKERS),
+    "knn.block_rows": Range(1, ROWS),
+    "knn.max_in_flight": Range(0, WORKERS),
     "knn.recall_sample": Range(0, 1 << 20),
-    "methods.knn-cc.threshold": _COSINE,
-    "methods.density-peak.neighbors": Range(1, _NEIGHBOURS),
-    "methods.density-peak.tau": _COSINE,
-    "methods.gcn-v.tau": _COSINE,
-    "methods.gcn-v.tau2": _COSINE,
-    "methods.gcn-v.batch_rows": Range(1, _ROWS),
-    "methods.gcn-ve.rho": _SHARE,
-    "methods.gcn-ve.tau": _COSINE,
-    "methods.gcn-ve.batch_rows": Range(1, _ROWS),
-    "methods.gcn-ve.batch_size": Range(1, 1 << 16),
-    "methods.hard-clusters.tau": Range(0.0, 2.0, what="a TPDi distance threshold"),
-    "methods.hard-clusters.density_k": Range(1, _NEIGHBOURS),
-    "methods.hard-clusters.density_sigma": _SIGMA,
-    "methods.hard-clusters.damping": Range(0.0, 1.0, high_open=True, what="a damping factor"),
-    "methods.hard-clusters.eps": _POSITIVE,
-    "methods.hard-clusters.max_iter": Range(1, _ROUNDS),
-    "methods.hard-clusters.tpdi_sigma": _SIGMA,
-    "methods.hard-clusters.batch_size": Range(1, 1 << 16),
-    "methods.hard-clusters.halo_bytes": Range(1, 1 << 50),
-    "methods.infomap.threshold": _COSINE,
-    "methods.infomap.trials": Range(1, 1000),
-    "methods.chinese-whispers.threshold": _COSINE,
-    "methods.chinese-whispers.iterations": Range(1, _ROUNDS),
-    "methods.knn-dbscan.eps": Range(0.0, 2.0, low_open=True, what="a cosine distance"),
-    "methods.knn-dbscan.min_samples": Range(1, 1 << 16),
-    "methods.aro.threshold": Range(0.0, None, what="a rank-order distance"),
-    "methods.aro.neighbors": Range(1, _NEIGHBOURS),
-    "methods.cdp.threshold": _COSINE,
-    "methods.cdp.max_size": Range(1, 1 << 40),
-    "methods.cdp.step": Range(1e-4, 2.0, why_low="a smaller step re-cuts the graph up to "
-                                                 "2/step times"),
-    "methods.hac.threshold": _COSINE,
-    "methods.hac.max_rounds": Range(1, _ROUNDS),
-    "methods.kmeans.threshold": _COSINE,
-    "methods.kmeans.n_clusters": Range(0, _ROWS),
-    "methods.kmeans.niter": Range(1, 10_000),
-    "methods.kmeans.nredo": Range(1, 100),
     "cluster.partitions": Range(0, 1 << 16),
     "cluster.partition_rows": Range(1, 1 << 31),
     "cluster.merge_local_max_edges": Range(0, 1 << 40),
 }
 
+
+
+class _MethodKeys(Mapping):
+    """``static`` plus every registered method's ``methods.<name>.<field>`` entries, read
+    from its Params fields by ``of`` (:func:`ltc_ray.params.field_ranges` / choices)."""
+
+    def __init__(self, static: dict, of) -> None:
+        self.static, self.of = static, of
+
+    def _all(self) -> dict:
+        out = dict(self.static)
+        for name, cls in sorted(REGISTRY.items()):
+            out.update({f"methods.{name}.{key}": value
+                        for key, value in self.of(cls.Params).items()})
+        return out
+
+    def __getitem__(self, key: str):
+        return self._all()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+RANGES: Mapping[str, Range] = _MethodKeys(_STATIC_RANGES, field_ranges)
+_CHOICES: Mapping[str, tuple[str, ...]] = _MethodKeys(_STATIC_CHOICES, field_choices)
+
 # Numeric command-line flags of the jobs (cli.py), checked the same way.
 FLAG_RANGES: dict[str, Range] = {
-    "--dim": RANGES["dim"],
+    "--dim": _STATIC_RANGES["dim"],
     "--num-cpus": Range(1, 1 << 16),
     "--epochs": Range(1, 10_000),
     "--edge-epochs": Range(1, 10_000),
     "--lr": Range(0.0, 1.0, low_open=True, what="a learning rate"),
-    "--rho": _SHARE,
-    "--batch-rows": Range(0, _ROWS),
+    "--rho": SHARE,
+    "--batch-rows": Range(0, ROWS),
     "--hidden": Range(1, 8192),
     "--tune-folds": Range(0, 100),
 }
@@ -405,11 +197,9 @@ def check_flag(flag: str, value: float | None) -> None:
 
 
 def _yaml_name(name: str) -> str:
-    return name.replace("_", "-") if name in _DASHED_METHODS else name
-
-
-_DASHED_METHODS = ("knn_cc", "density_peak", "gcn_v", "gcn_ve", "hard_clusters",
-                   "chinese_whispers", "knn_dbscan")
+    """A methods section's YAML name (``knn_cc`` -> ``knn-cc``); other keys unchanged."""
+    dashed = name.replace("_", "-")
+    return dashed if dashed in REGISTRY else name
 
 
 def _to_yaml_names(tree: Any) -> Any:
@@ -435,7 +225,7 @@ def numeric_fields(obj: Any = None, prefix: str = "") -> list[tuple[str, type, A
         base = args[0] if args else typ
         value = getattr(obj, f.name)
         key = f"{prefix}{_yaml_name(f.name)}"
-        if dataclasses.is_dataclass(base):
+        if dataclasses.is_dataclass(value):
             out += numeric_fields(value, key + ".")
         elif base in (int, float):
             out.append((key, base, value))
@@ -573,7 +363,7 @@ def _apply(obj: Any, tree: dict, where: str, prefix: str = "") -> None:
         f = _field_for(type(obj), key_text, f"{where} [{prefix}{brief(key_text)}]")
         typ = hints[f.name]
         path = f"{prefix}{key_text}"
-        if dataclasses.is_dataclass(typ):
+        if dataclasses.is_dataclass(getattr(obj, f.name)):
             _apply(getattr(obj, f.name), value, where, path + ".")
         else:
             setattr(obj, f.name, _coerce(value, typ, f"{where} [{path}]"))

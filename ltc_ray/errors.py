@@ -7,6 +7,8 @@ flag) and the problem, so jobs can print one line and exit with code 2.
 from __future__ import annotations
 
 import contextlib
+import errno
+import socket
 from collections.abc import Iterator
 
 ECHO_CHARS = 80  # what an error message may echo of a user's value or file content
@@ -51,22 +53,73 @@ class WorkFileError(RuntimeError):
         return (type(self), (self.where, self.problem))
 
 
-# Exceptions from these packages (and OSError) are storage failures: an endpoint that
-# cannot be reached, missing credentials, a denied permission.
+class MissingDependency(Exception):
+    """A package the job needs cannot be imported: an install problem, not bad input, so
+    jobs print one line naming the extra that brings it and exit 1, before any work."""
+
+    def __init__(self, module: str, install: str, problem: str = "is not installed"):
+        self.module = module
+        self.install = install
+        self.problem = problem
+        super().__init__(f"{module} {problem}: {install}")
+
+    def __reduce__(self):  # picklable across Ray workers, like InputError
+        return (type(self), (self.module, self.install, self.problem))
+
+    @classmethod
+    def from_import_error(cls, module: str, install: str, exc: ImportError) -> MissingDependency:
+        """The error for a failed ``import module``: "is not installed" when the module
+        itself is absent; a broken install (one of its own imports fails) says so, with
+        the first line of the error."""
+        if isinstance(exc, ModuleNotFoundError) and exc.name in (module, None):
+            return cls(module, install)
+        return cls(module, install, f"cannot be imported ({brief(exc)})")
+
+
+FAISS_INSTALL = "pip install 'ltc-ray[cpu]' (or 'ltc-ray[gpu]' on GPU machines)"
+
+# Exceptions from these packages are storage failures: an endpoint that cannot be reached,
+# missing credentials, a denied permission.
 _STORAGE_PACKAGES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs"}
+# OSErrors that describe the location itself: it is missing, denied, not what the path
+# says, or behind a network that does not answer. Everything else (ENOSPC, EDQUOT, EIO,
+# EROFS, ENOMEM, EMFILE, ...) is this machine's trouble, not the user's input.
+_LOCATION_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "ENOENT", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "ENAMETOOLONG", "ELOOP", "ENXIO",
+        "ENODEV", "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH",
+        "EHOSTDOWN", "ENETUNREACH", "ENETDOWN", "EADDRNOTAVAIL",
+    ) if hasattr(errno, name)
+)
+_LOCATION_TYPES = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError,
+                   ConnectionError, TimeoutError, socket.gaierror, socket.herror)
+
+
+def _from_storage_package(exc: BaseException) -> bool:
+    return any(cls.__module__.split(".")[0] in _STORAGE_PACKAGES for cls in type(exc).__mro__)
 
 
 def is_storage_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is a storage failure rather than a bug."""
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+    """Whether ``exc`` says the storage location cannot be used (missing, denied, an
+    endpoint or credentials that fail): the user's input, exit 2. A full disk, a
+    read-only file system or an I/O error of this machine is not, nor is a bug."""
+    if _from_storage_package(exc):
         return True
-    return any(cls.__module__.split(".")[0] in _STORAGE_PACKAGES for cls in type(exc).__mro__)
+    if isinstance(exc, OSError):
+        # an object store's reply translated to an OSError (s3fs: unknown codes -> EIO)
+        # describes the endpoint, not this machine
+        cause = exc.__cause__
+        if cause is not None and _from_storage_package(cause):
+            return True
+        return isinstance(exc, _LOCATION_TYPES) or exc.errno in _LOCATION_ERRNOS
+    return False  # (ConnectionError and TimeoutError are OSErrors)
 
 
 @contextlib.contextmanager
 def storage_errors(where: str) -> Iterator[None]:
     """For the cheap up-front checks: a storage failure while looking at ``where`` becomes
-    an :class:`InputError` (one line, exit 2) instead of a traceback after Ray started."""
+    an :class:`InputError` (one line, exit 2) instead of a traceback after Ray started.
+    Resource errors of the machine (a full disk, ...) propagate as themselves: exit 1."""
     try:
         yield
     except InputError:

@@ -53,7 +53,6 @@ def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
     """CLI flags giving ``method`` a tiny model; [] for unsupervised methods. A newly
     registered method that needs a model fails here until it gets a maker."""
     from ltc_ray.cluster import REGISTRY
-    from ltc_ray.config import Config
 
     if method == "gcn-v":
         return ["--model", tiny_gcn_v(tmp / "gcn-v-model", in_dim, k)]
@@ -61,6 +60,6 @@ def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
         return ["--model", tiny_gcn_ve(tmp / "gcn-ve-model", in_dim, k, feature_k=15)]
     if method == "hard-clusters":
         return ["--model", tiny_hard_clusters(tmp / "hc-model", in_dim, k)]
-    params = getattr(Config().methods, REGISTRY[method].params_key)
-    assert not hasattr(params, "model"), f"add a tiny model maker for {method} in tests/_models.py"
+    assert not REGISTRY[method].shape.uses_model, (
+        f"add a tiny model maker for {method} in tests/_models.py")
     return []

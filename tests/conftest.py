@@ -35,3 +35,18 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     make_benchmark(str(root), parts=(0, 1), scale=0.017, seed=0, progress=False)
     return root
+
+
+def require(module: str, extra: str = "dev"):
+    """``module`` imported for a test. Without it the test skips with the extra to install,
+    except in CI (``CI`` set, as CI services do): there a missing dev dependency fails the
+    run, so the tests it carries cannot silently drop out."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        reason = f"{module} is not installed ({exc}); install it with pip install -e '.[{extra}]'"
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI is set and {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)

@@ -477,7 +477,7 @@ def test_self_describing_features_need_no_dim(data: Path):
     for name in ("good.npy", "ragged.parquet"):
         spec = JobSpec(features=str(data / name), output="unused", config=load_config(None, []))
         if name == "good.npy":
-            assert preflight_inputs(spec).dim == D
+            assert preflight_inputs(spec).info.dim == D
         else:  # read past the header: the scan finds the short row
             with pytest.raises(InputError, match="row 3 has 15 values"):
                 preflight_inputs(spec)
@@ -492,17 +492,16 @@ def test_large_input_is_scanned_on_ray_before_the_knn(ray_local, tmp_path: Path,
     """Above DRIVER_SCAN_MAX_BYTES the rows are scanned by Ray tasks in the plan stage:
     still exit 2 naming the row, still before any kNN file or output is written."""
     from ltc_ray.cli import main
-    from ltc_ray.config import load_config
     from ltc_ray.io.features import inspect_features
-    from ltc_ray.pipeline.job import DRIVER_SCAN_MAX_BYTES, JobSpec, driver_scans
+    from ltc_ray.pipeline.executor import DRIVER_SCAN_MAX_BYTES, Inputs, driver_scans
 
     n = DRIVER_SCAN_MAX_BYTES // (4 * D) + 1000
     x, _ = blobs(n_per=n // 10, n_clusters=10, dim=D, spread=0.5, seed=1)
     x[-1, 0] = np.nan
     path = tmp_path / "big.bin"
     write_bin(path, x)
-    spec = JobSpec(features=str(path), output="unused", config=load_config(None, [f"dim={D}"]))
-    assert driver_scans(spec, inspect_features(str(path), D)) == set()  # the Ray path
+    inputs = Inputs(str(path), inspect_features(str(path), D))
+    assert driver_scans(inputs) == set()  # the Ray path
     out = tmp_path / "out"
     args = ["--features", str(path), "--dim", str(D), "--set", f"knn.k={K}"]
     code = main(["cluster", *args, "--output", str(out)])

@@ -28,7 +28,7 @@ BASELINES = ("infomap", "chinese-whispers", "knn-dbscan", "aro", "cdp", "hac", "
 def _method(name: str, k: int, seed: int = 0, **params):
     cfg = Config(method=name, knn=KnnConfig(k=k), seed=seed)
     for key, value in params.items():
-        setattr(getattr(cfg.methods, REGISTRY[name].params_key), key, value)
+        setattr(cfg.methods.of(name), key, value)
     return get_method(name, cfg)
 
 
@@ -45,9 +45,9 @@ def _graph(x, k):
 def test_baselines_are_whole_graph_methods_with_a_tunable():
     for name in BASELINES:
         cls = REGISTRY[name]
-        assert issubclass(cls, WholeGraphMethod) and cls.whole_graph
-        assert cls.tunable is not None and hasattr(
-            Config().methods.__dict__[cls.params_key], cls.tunable[0]
+        assert issubclass(cls, WholeGraphMethod) and cls.shape.link == "whole-graph"
+        assert cls.shape.tunable is not None and hasattr(
+            Config().methods.of(name), cls.shape.tunable.param
         )
 
 
@@ -79,9 +79,9 @@ def test_seed_does_not_change_separated_blobs(name):
 
     def run(seed):
         method = _method(name, 30, seed=seed)
-        if getattr(method, "needs_features", False):  # kmeans reads the features too
-            return method.cluster_features(xn, ids, sims)
-        return method.cluster_graph(ids, sims)
+        # kmeans reads the features too
+        return method.cluster_graph(ids, sims,
+                                    xn if method.shape.whole_graph_features else None)
 
     runs = [run(s) for s in (0, 1, 0)]
     assert _same_partition(runs[0], labels)
@@ -183,12 +183,12 @@ def test_kmeans_refines_graph_components_and_fixed_k_is_seeded():
     x, labels = blobs(40, 6, 24, spread=0.5, seed=11)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     ids, sims = exact_knn(x, 30)
-    split = _method("kmeans", 30, threshold=0.6).cluster_features(x, ids, sims)
+    split = _method("kmeans", 30, threshold=0.6).cluster_graph(ids, sims, x)
     assert _same_partition(split, labels)
     wide_ids, wide_sims = exact_knn(x, 60)  # rows reach into other blobs
-    one = _method("kmeans", 60, threshold=-1.0).cluster_features(x, wide_ids, wide_sims)
+    one = _method("kmeans", 60, threshold=-1.0).cluster_graph(wide_ids, wide_sims, x)
     assert len(np.unique(one)) == 1  # every kNN edge kept: one component, K = 1
-    fixed = [_method("kmeans", 30, seed=s, n_clusters=6, nredo=5).cluster_features(x, ids, sims)
+    fixed = [_method("kmeans", 30, seed=s, n_clusters=6, nredo=5).cluster_graph(ids, sims, x)
              for s in (0, 0, 3)]
     assert np.array_equal(fixed[0], fixed[1])
     assert len(np.unique(fixed[2])) == 6

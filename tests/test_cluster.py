@@ -24,9 +24,10 @@ from ltc_ray.errors import InputError
 from ltc_ray.io.features import inspect_features
 from ltc_ray.knn import exact_knn
 from ltc_ray.metrics import pairwise_prf
-from ltc_ray.pipeline.cluster_stage import partition_ranges, run_cluster_stage
+from ltc_ray.pipeline.cluster_stage import partition_ranges
+from ltc_ray.pipeline.executor import Run
 from ltc_ray.pipeline.knn_stage import build_knn_graph
-from ltc_ray.pipeline.runtime import StageLog, ray_get
+from ltc_ray.runtime import ray_get
 
 
 def _scipy_labels(n, src, dst):
@@ -91,7 +92,8 @@ def test_unknown_method_is_an_input_error():
 # Methods that link on halo actors need the full job flow (gcn-ve: GCN features and a second
 # graph; hard-clusters: the re-scored graph); tests/test_gcn_v.py and
 # tests/test_hard_clusters.py run them through it with the same invariance checks.
-ROW_METHODS = sorted(name for name, cls in REGISTRY.items() if not cls.needs_link_halo)
+ROW_METHODS = sorted(name for name, cls in REGISTRY.items()
+                     if cls.shape.link != "halo" and cls.shape.score != "rescore")
 
 
 def _save_tiny_model(path, in_dim: int, k: int) -> str:
@@ -112,14 +114,14 @@ def _config(name: str, k: int, dim: int, tmp_dir, **params) -> Config:
     if name == "gcn-v":
         cfg.methods.gcn_v.model = _save_tiny_model(tmp_dir / f"gcnv-{dim}-{k}", dim, k)
     for key, value in params.items():
-        setattr(getattr(cfg.methods, REGISTRY[name].params_key), key, value)
+        setattr(cfg.methods.of(name), key, value)
     return cfg
 
 
 def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **params):
     """Score, link and merge partition by partition in this process (no Ray)."""
+    from ltc_ray.cluster.base import HaloPartition
     from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
-    from ltc_ray.pipeline.halo import HaloPartition
 
     method = get_method(name, _config(name, knn_ids.shape[1], x.shape[1], tmp_dir, **params))
     n = len(knn_ids)
@@ -128,7 +130,7 @@ def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **para
         PartitionInput(a, b, knn_ids[a:b], knn_sims[a:b])
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    if method.needs_halo:
+    if method.shape.score == "halo":
         edges = directed_edges(knn_ids, knn_sims)
         scores = []
         for p in inputs:
@@ -136,14 +138,13 @@ def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **para
             halo = HaloPartition(
                 p.start, p.stop, p.knn_ids, p.knn_sims, x[p.start : p.stop], adj, cols, x[cols]
             )
-            scores.append(method.score_halo(halo))
+            scores.append(method.score_halo(halo).scores)
         scores = np.concatenate(scores)
     else:
         scores = np.concatenate([method.score(p) for p in inputs])
-    if method.whole_graph:  # one call over all rows, as the pipeline's single task does
-        labels = (method.cluster_features(x, knn_ids, knn_sims)
-                  if getattr(method, "needs_features", False)
-                  else method.cluster_graph(knn_ids, knn_sims))
+    if method.shape.link == "whole-graph":  # one call over all rows, as the single task does
+        labels = method.cluster_graph(knn_ids, knn_sims,
+                                      x if method.shape.whole_graph_features else None)
         cid, _, _, parent = labels_to_clusters(labels, scores)
         return cid, parent, scores
     links = [method.link(p, scores) for p in inputs]
@@ -221,15 +222,9 @@ def test_every_method_is_partition_invariant_on_ray(ray_graph, name, tmp_path):
     results = []
     # both merges, and the forest merge at the most partitions
     for parts, merge in [(1, "local"), (2, "local"), (7, "forest")]:
-        refs = run_cluster_stage(
-            method,
-            manifest,
-            ClusterConfig(partitions=parts, merge=merge),
-            2.0,
-            None,
-            StageLog(),
-            info=info,
-        )
+        cfg = _config(name, 20, 32, tmp_path)
+        cfg.cluster = ClusterConfig(partitions=parts, merge=merge)
+        refs = Run.on_graph(manifest, info, cfg, str(tmp_path / f"work-{parts}")).cluster(method)
         cid = ray_get(refs.cluster_id)
         parent = np.concatenate(ray_get(refs.parents))
         score = np.concatenate(ray_get(refs.scores))

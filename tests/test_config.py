@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from ltc_ray.cluster import method_names
+from ltc_ray.cluster.baselines import CDPParams
 from ltc_ray.config import (
     FLAG_RANGES,
     RANGES,
-    CDPParams,
     Config,
-    Range,
     _get,
     check_flag,
     config_from_dict,
@@ -29,6 +28,7 @@ from ltc_ray.config import (
     validate,
 )
 from ltc_ray.errors import InputError
+from ltc_ray.params import Range
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -334,9 +334,9 @@ def test_every_method_default_grid_is_valid():
     from ltc_ray.pipeline.tune import grid_values
 
     for name, cls in REGISTRY.items():
-        if cls.tunable is not None:
-            param, low, high, step = cls.tunable
-            assert grid_values(Config(), f"methods.{name}.{param}", (low, high, step)), name
+        t = cls.shape.tunable
+        if t is not None:
+            assert grid_values(Config(), f"methods.{name}.{t.param}", (t.low, t.high, t.step)), name
 
 
 # ---------------------------------------------------------------- CDP progress

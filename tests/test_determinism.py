@@ -1,6 +1,7 @@
 """Every registered method gives the same clusters for one vs many kNN shards, partitions
-and workers, each computed from scratch with the same seed, and again when a run resumes
-in a finished work area (issue 4, item 6). Two from-scratch runs that must agree bit for
+and workers (whole-graph methods: kNN shards only, see LAYOUTS), each computed from
+scratch with the same seed, and again when a run resumes in a finished work area (issue 4,
+item 6). Two from-scratch runs that must agree bit for
 bit also catch run-to-run nondeterminism, so no third, same-layout rerun is made.
 
 Parametrized over the registry, so a newly registered method is covered automatically
@@ -36,6 +37,17 @@ LAYOUTS = {
         "knn.block_rows": 150,
         "cluster.partitions": 3,
         "cluster.merge": "forest",
+    },
+    # for whole-graph methods: ONE task links all rows, so partitions and the merge cannot
+    # change their clusters and a 1-vs-3 partition case would be vacuous (their per-row
+    # score is partitioned as knn-cc's is, covered there); only the kNN graph's layout
+    # varies, which still can change what they see
+    "shards": {
+        "knn.mode": "shard",
+        "knn.shards": 2,
+        "knn.block_rows": 150,
+        "cluster.partitions": 1,
+        "cluster.merge": "local",
     },
 }
 
@@ -73,15 +85,18 @@ def _run(path, method, flags, layout, out, work, capsys):
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_same_clusters_for_one_vs_many_and_reruns(ray_local, blob_file, method, tmp_path, capsys):
     flags = model_flags(method, tmp_path, 32, K)
+    whole_graph = REGISTRY[method].shape.link == "whole-graph"
+    many = "shards" if whole_graph else "many"
     runs = {}
-    for name, layout in [("one", "one"), ("many", "many")]:
+    for name, layout in [("one", "one"), ("many", many)]:
         # a fresh work area each time: every stage is computed again, nothing is reused
         run, cols = _run(blob_file, method, flags, layout, tmp_path / name,
                          tmp_path / f"{name}.work", capsys)  # fmt: skip
         assert run["reused_stages"] == []
         runs[name] = (run, cols)
-    many = runs["many"][0]
-    assert many["stages"]["knn"]["n_actors"] == 2 and many["stages"]["score"]["partitions"] == 3
+    run = runs["many"][0]
+    assert run["stages"]["knn"]["n_actors"] == 2
+    assert run["stages"]["score"]["partitions"] == (1 if whole_graph else 3)
     assert runs["one"][0]["stages"]["score"]["partitions"] == 1
     ref = runs["one"][1]
     n_clusters = len(np.unique(ref["cluster_id"]))
@@ -92,7 +107,7 @@ def test_same_clusters_for_one_vs_many_and_reruns(ray_local, blob_file, method, 
     fingerprints = runs["one"][0]["stage_fingerprints"]
     assert fingerprints == runs["many"][0]["stage_fingerprints"]
     # resuming in a finished work area reuses every stage (knn_features too) to the same end
-    run, cols = _run(blob_file, method, flags, "many", tmp_path / "resumed", tmp_path / "one.work",
+    run, cols = _run(blob_file, method, flags, many, tmp_path / "resumed", tmp_path / "one.work",
                      capsys)  # fmt: skip
     assert sorted(run["reused_stages"]) == sorted(fingerprints)
     for column in ("cluster_id", "parent", "score"):

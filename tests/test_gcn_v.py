@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from _data import write_bin
+from _quality import random_twin
 
 from ltc_ray.cli import main
 from ltc_ray.cluster import get_method
@@ -15,9 +16,9 @@ from ltc_ray.config import ClusterConfig, Config, KnnConfig
 from ltc_ray.errors import InputError
 from ltc_ray.graph import read_knn_rows
 from ltc_ray.io.features import inspect_features, read_features
-from ltc_ray.pipeline.cluster_stage import run_cluster_stage
+from ltc_ray.pipeline.executor import Run
 from ltc_ray.pipeline.knn_stage import build_knn_graph
-from ltc_ray.pipeline.runtime import StageLog, ray_get
+from ltc_ray.runtime import ray_get
 
 torch = pytest.importorskip("torch")
 
@@ -84,12 +85,11 @@ def test_partitioned_inference_equals_whole_graph(trained, tmp_path):
     x = read_features(info, 0, info.n_rows)
     knn_ids, knn_sims = read_knn_rows(manifest, 0, info.n_rows)
     adj = whole_graph_adjacency(knn_ids, knn_sims)
-    whole, _ = predict(method.model(), x, aggregate(adj, x))
+    whole, _ = predict(method.inference.net(), x, aggregate(adj, x))
     results = []
     for n_parts in (1, 2, 7):
-        refs = run_cluster_stage(
-            method, manifest, ClusterConfig(partitions=n_parts), 2.0, None, StageLog(), info=info
-        )
+        cfg.cluster = ClusterConfig(partitions=n_parts)
+        refs = Run.on_graph(manifest, info, cfg, str(tmp_path / f"work-{n_parts}")).cluster(method)
         assert len(refs.ranges) == n_parts
         score = np.concatenate(ray_get(refs.scores))
         results.append((score, ray_get(refs.cluster_id), np.concatenate(ray_get(refs.parents))))
@@ -120,7 +120,19 @@ def test_cluster_job_with_a_model_and_refusals(trained, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     run = json.loads((out / "run.json").read_text())
-    assert metrics["pairwise_f"] > 0.3 and run["method"] == "gcn-v"
+    assert run["method"] == "gcn-v"
+    # training helped: the same job on the same split with the same architecture and
+    # model.json (tau included) at random weights clusters clearly worse. Measured here:
+    # trained pairwise F 0.704, BCubed F 0.794; random weights (seed 0) 0.640 and 0.704
+    # (seeds 1, 2: 0.678/0.725, 0.680/0.726). Tau links only similar neighbours, so random
+    # confidences already give a fair pairwise F; BCubed F separates the two more clearly.
+    untrained = random_twin(model, tmp_path / "random-model")
+    args = ["cluster", "--part", "1", "--data-root", str(root), *common]
+    code = main([*args, "--model", untrained, "--output", str(tmp_path / "out-random")])
+    assert code == 0, capsys.readouterr().err
+    random = json.loads((tmp_path / "out-random" / "metrics.json").read_text())
+    assert metrics["pairwise_f"] > random["pairwise_f"] + 0.03, (metrics, random)
+    assert metrics["bcubed_f"] > random["bcubed_f"] + 0.05, (metrics, random)
     assert run["stages"]["score"]["halo_rows"] > 0
     assert run["config"]["methods"]["gcn-v"]["model"] == str(model)
     # a model trained for another dim or k, or no model at all, is refused before any work
@@ -175,11 +187,11 @@ def test_feature_pass_links_on_a_gcn_feature_graph(trained, tmp_path, capsys):
     assert (tmp_path / "w3" / "node-features" / "features.parts.json").exists()
 
 
-def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
-    """gcn-ve end to end: GCN-V then GCN-E trained by one command; GCN-E linking on link
-    actors that fetch candidates' features and kNN rows gives the same clusters for 1 and
-    3 partitions."""
+@pytest.fixture(scope="module")
+def ve_trained(trained, tmp_path_factory):
+    """A gcn-ve model (GCN-V then GCN-E, one command) trained on part0_train."""
     root, _ = trained
+    tmp_path = tmp_path_factory.mktemp("gcnve")
     model = tmp_path / "ve"
     code = main(
         [
@@ -204,19 +216,50 @@ def test_gcn_ve_trains_and_is_partition_invariant(trained, tmp_path, capsys):
             str(tmp_path / "train.work"),
         ]
     )
-    assert code == 0, capsys.readouterr().err
+    assert code == 0
+    return root, model
+
+
+def test_gcn_ve_trains_and_is_partition_invariant(ve_trained, tmp_path, capsys):
+    """gcn-ve end to end: GCN-V then GCN-E trained by one command; GCN-E linking on link
+    actors that fetch candidates' features and kNN rows gives the same clusters for 1 and
+    3 partitions."""
+    root, model = ve_trained
     edge_meta = json.loads((model / "gcn-e" / "model.json").read_text())
     assert edge_meta["method"] == "gcn-e" and edge_meta["in_dim"] == 64
     assert 0.3 <= edge_meta["thresholds"]["tau"] <= 0.95 and edge_meta["rho"] == 0.2
     # GCN-E learnt from out-of-fold GCN-V outputs (two identity folds), scored out of fold
     assert edge_meta["crossfit"]["folds"] == 2 and edge_meta["crossfit"]["gcn_v_k"] == 20
-    assert edge_meta["train_metrics"]["pairwise_f"] > 0.2
+    assert "pairwise_f" in edge_meta["train_metrics"]
     assert (model / "gcn-v" / "model.json").exists()
     runs = _cluster_with_partitions(root, model, "gcn-ve", tmp_path, capsys)
-    for run, metrics, _ in runs:
+    for run, _, _ in runs:
         assert run["stages"]["knn_features"]["rows"] == run["n_samples"]
-        assert run["stages"]["link"]["model_threshold"] > 0
-        assert metrics["pairwise_f"] > 0.2
+        assert run["stages"]["link"]["link_context"] > 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gcn-ve clusters this split worse than its random-weights twin: measured pairwise F "
+    "0.251 trained vs 0.312/0.481/0.453 at random weights (seeds 0/1/2), BCubed F 0.375 "
+    "vs 0.479/0.624/0.631; its own GCN-V alone gives 0.717, density-peak 0.622"))
+def test_gcn_ve_training_beats_random_weights(ve_trained, tmp_path, capsys):
+    """The same job on the same split with the same architecture and model.json (tau, rho
+    included) at random weights, GCN-V and GCN-E, clusters clearly worse. Margins as for
+    gcn-v (no gap was measurable: the trained model loses today, see the xfail). With the
+    trained GCN-V kept and only the GCN-E random the clusters are identical (pairwise F
+    0.2507 for seeds 0-2): the GCN-E's choice changes no component on this split."""
+    root, model = ve_trained
+    metrics = {}
+    for name, path in (("trained", str(model)), ("random", random_twin(model, tmp_path / "r"))):
+        out = tmp_path / f"out-{name}"
+        code = main(["cluster", "--part", "1", "--data-root", str(root), "--method", "gcn-ve",
+                     "--model", path, "--set", "knn.k=20", "--output", str(out),
+                     "--work-dir", str(tmp_path / f"w-{name}")])
+        assert code == 0, capsys.readouterr().err
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    trained, random = metrics["trained"], metrics["random"]
+    assert trained["pairwise_f"] > random["pairwise_f"] + 0.03, (trained, random)
+    assert trained["bcubed_f"] > random["bcubed_f"] + 0.05, (trained, random)
 
 
 def _cluster_with_partitions(root, model, method, tmp_path, capsys, *flags):

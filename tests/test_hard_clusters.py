@@ -251,7 +251,7 @@ def test_training_writes_a_model_that_loads_and_carries_tau(hc_trained):
     assert meta["thresholds"]["tau"] == pytest.approx(float(best))
     assert fit["metrics"]["pairwise_f"] == pytest.approx(fit["tau_search"][best], abs=1e-5)
     assert len(meta["history"]) == 2 and meta["history"][1]["loss"] < meta["history"][0]["loss"]
-    assert meta["train_metrics"]["pairwise_f"] > 0.3
+    assert "pairwise_f" in meta["train_metrics"]  # its quality: test_training_beats_random_weights
     loaded, loaded_meta = load_edge_scorer(str(model), expected_dim=256, expected_k=20)
     assert loaded_meta["fingerprint"]["n_rows"] == meta["fingerprint"]["n_rows"]
     assert not loaded.training
@@ -286,7 +286,7 @@ def _auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _cluster(root, model, tmp_path, name, *sets):
+def _cluster(root, model, tmp_path, name, *sets, part="1"):
     import json
 
     from ltc_ray.cli import main
@@ -294,7 +294,7 @@ def _cluster(root, model, tmp_path, name, *sets):
 
     out, work = tmp_path / f"out-{name}", tmp_path / f"work-{name}"
     flags = [arg for s in sets for arg in ("--set", s)]
-    code = main(["cluster", "--part", "1", "--data-root", str(root), "--method",
+    code = main(["cluster", "--part", part, "--data-root", str(root), "--method",
                  "hard-clusters", "--model", str(model), "--set", "knn.k=20", *flags,
                  "--output", str(out), "--work-dir", str(work)])
     assert code == 0
@@ -353,7 +353,7 @@ def test_seven_partitions_equal_the_whole_graph_definitions(hc_trained, tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the edge actors (one CPU each)
     try:
-        ids_ref, prob_ref = method.rescore(knn_ids.astype(np.int64), lambda q: x[q])
+        ids_ref, prob_ref = method.rescore_rows(knn_ids.astype(np.int64), lambda q: x[q], "cpu")
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(ids, ids_ref)
@@ -364,12 +364,35 @@ def test_seven_partitions_equal_the_whole_graph_definitions(hc_trained, tmp_path
     assert iterations > (1 if density == "iterative" else 0)
     np.testing.assert_array_equal(cols[2], density_ref.astype(np.float32))
     n = len(ids)
-    link = method.link(PartitionInput(0, n, ids, prob), cols[2])
+    link = method.link_whole(PartitionInput(0, n, ids, prob), cols[2])
     np.testing.assert_array_equal(cols[1], link.parent)
     cid, _, _ = merge_edges(n, [(link.src, link.dst)])
     pairs = np.unique(np.stack([cid, cols[0]]), axis=1).shape[1]
     assert pairs == len(np.unique(cid)) == len(np.unique(cols[0]))  # the same partition
     assert np.all(ids[:, 0] >= 0) and np.all(np.diff(prob, axis=1) <= 0)
+
+
+def test_training_beats_random_weights(hc_trained, tmp_path):
+    """On its training split, through the same job, the trained scorer clusters clearly
+    better than the same architecture and model.json (tau included) at random weights:
+    training learnt and the job applies the weights. In sample, as the split is too small
+    to test generalisation (~40 identities). Measured: pairwise F 0.886 trained vs 0.821
+    random (seeds 1, 2: 0.799, 0.806), pairwise precision 0.951 vs 0.810 (0.797, 0.805). On
+    part1_test the random twin does as well or better (0.749 vs 0.741: the scorer's
+    same-identity AUC there is 0.43, cosine's 0.89), so the test split cannot show it."""
+    import json
+
+    from _quality import random_twin
+
+    root, model = hc_trained
+    untrained = random_twin(model, tmp_path / "random-model")
+    m = {}
+    for name, path in (("trained", model), ("random", untrained)):
+        _cluster(root, path, tmp_path, name, "cluster.partitions=2", part="0")
+        m[name] = json.loads((tmp_path / f"out-{name}" / "metrics.json").read_text())
+    trained, random = m["trained"], m["random"]
+    assert trained["pairwise_f"] > random["pairwise_f"] + 0.03, (trained, random)
+    assert trained["pairwise_precision"] > random["pairwise_precision"] + 0.07, (trained, random)
 
 
 def test_resumed_run_reuses_rescore_and_relinks_on_new_tau(hc_trained, tmp_path):
@@ -418,7 +441,10 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert metrics["n_samples"] > 4000 and metrics["pairwise_f"] > 0.3
+    # the wiring of the jobs, not the model's quality: a one-epoch scorer is no better than
+    # random weights here (measured pairwise F on part1 0.802 trained vs 0.825 random, on
+    # part0 0.844 vs 0.834); test_training_beats_random_weights compares the two
+    assert metrics["n_samples"] > 4000
     assert record["method"] == "hard-clusters" and (tmp_path / "out" / "_SUCCESS").exists()
 
 

@@ -939,8 +939,7 @@ def test_corrupt_parquet_above_the_driver_scan_is_named_by_the_ray_scan(
     from _data import blobs
 
     from ltc_ray.cli import main
-    from ltc_ray.config import load_config
-    from ltc_ray.pipeline.job import DRIVER_SCAN_MAX_BYTES, JobSpec, driver_scans
+    from ltc_ray.pipeline.executor import DRIVER_SCAN_MAX_BYTES, Inputs, driver_scans
 
     d = 16
     n = DRIVER_SCAN_MAX_BYTES // (4 * d) + 2000
@@ -949,8 +948,7 @@ def test_corrupt_parquet_above_the_driver_scan_is_named_by_the_ray_scan(
     write_parquet(str(path), embedding_table(x, fixed=False), 8192)
     groups = pq.ParquetFile(str(path)).metadata.num_row_groups
     _corrupt_row_group(path, groups // 2)
-    spec = JobSpec(features=str(path), output="unused", config=load_config(None, []))
-    assert driver_scans(spec, inspect_features(str(path))) == set()  # the Ray path
+    assert driver_scans(Inputs(str(path), inspect_features(str(path)))) == set()  # the Ray path
     out = tmp_path / "out"
     # the CLI's log handler writes to the stderr of the test that first installed it
     monkeypatch.setattr(logging.getLogger("ltc_ray"), "handlers", [])

@@ -16,7 +16,12 @@ from ltc_ray.graph import read_knn_rows
 from ltc_ray.io.features import inspect_features
 from ltc_ray.knn import exact_knn, merge_topk, put_self_first, recall_at_k, search_block
 from ltc_ray.knn.search import TIE_MARGIN, build_index, rescore
-from ltc_ray.pipeline.knn_stage import build_knn_graph, plan_knn_layout
+from ltc_ray.pipeline.knn_stage import (
+    build_knn_graph,
+    knn_graph_keys,
+    knn_graph_keys_for,
+    plan_knn_layout,
+)
 
 
 def _unit(x):
@@ -333,3 +338,38 @@ def test_ltc_knn_similarities_above_one_exit_2_from_the_ray_worker(
     assert "outside [-1, 1]" in lines[0]
     assert "Traceback" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ the graph's keys
+
+
+def test_ivf_keys_follow_the_shard_layout_and_flat_keys_do_not(ray_local, knn_data, tmp_path):
+    """An IVF graph trains one index per shard, so 1 vs 2 shards give another graph and
+    other keys; an exact graph is the same for any layout, and so are its keys. The keys
+    the job can compute before a build are those the build records."""
+    path, _ = knn_data
+    info = inspect_features(str(path), dim=48)
+    resources = {"CPU": 2.0}
+    keys, graphs = {}, {}
+    for index in ("ivf", "flat"):
+        for shards in (1, 2):
+            cfg = KnnConfig(k=10, index=index, nlist=16, nprobe=2, mode="shard", shards=shards,
+                            recall_sample=0, block_rows=1200)
+            manifest, stats = build_knn_graph(info, cfg, str(tmp_path / f"{index}{shards}"),
+                                              resources, seed=3)
+            assert stats["n_actors"] == shards
+            before = knn_graph_keys_for(info, cfg, resources, seed=3)
+            recorded = manifest.details["fingerprint"]
+            assert {key: recorded[key] for key in before} == before
+            keys[index, shards] = before
+            graphs[index, shards] = read_knn_rows(manifest, 0, info.n_rows)[0]
+    assert keys["ivf", 1] != keys["ivf", 2]
+    assert (keys["ivf", 1]["shards"], keys["ivf", 2]["shards"]) == (1, 2)
+    assert not np.array_equal(graphs["ivf", 1], graphs["ivf", 2])  # why the keys differ
+    assert keys["flat", 1] == keys["flat", 2] == {"k": 10, "index": "flat"}
+    np.testing.assert_array_equal(graphs["flat", 1], graphs["flat", 2])
+    # a replicated base is one shard: the same keys as one shard
+    cfg = KnnConfig(k=10, index="ivf", nlist=16, nprobe=2, mode="replicate", cpus_per_actor=1)
+    replicate = plan_knn_layout(info.n_rows, 48, cfg, resources)
+    assert replicate.mode == "replicate" and replicate.n_actors == 2
+    assert knn_graph_keys(cfg, 3, replicate) == keys["ivf", 1]

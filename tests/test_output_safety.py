@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ltc_ray.cli import main
 from ltc_ray.errors import InputError
 from ltc_ray.io.output import COMMITTING, MANIFEST_FORMAT, SUCCESS, read_clusters
-from ltc_ray.pipeline.stages import DELAY_ENV
+from ltc_ray.runtime import DELAY_ENV
 
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}
 

@@ -42,7 +42,6 @@ from ltc_ray.errors import InputError
 from ltc_ray.io.knn_files import WorkFileError, load_knn_block, save_knn_block
 from ltc_ray.io.output import read_clusters
 from ltc_ray.pipeline.stages import (
-    DELAY_ENV,
     SMALL_INPUT_BYTES,
     StageStore,
     load_array,
@@ -50,6 +49,7 @@ from ltc_ray.pipeline.stages import (
     save_npy,
     uri_version,
 )
+from ltc_ray.runtime import DELAY_ENV
 
 K = 10
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1"}

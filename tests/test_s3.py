@@ -15,10 +15,11 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, REPO
+from conftest import PYTHON, REPO, require
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
+# the dev extras: skipped without them, except in CI (CI set), where a missing one fails
+moto_server = require("moto.server")
+s3fs = require("s3fs")
 
 BUCKET = "ltc"
 KEY_ID = "testing"
@@ -286,7 +287,7 @@ def test_reading_an_output_with_pandas_as_the_readme_shows(s3, knn_cc_run):
     """The README's pandas snippet, with this server's storage options."""
     import fsspec
 
-    pd = pytest.importorskip("pandas")
+    pd = require("pandas")
 
     out, _, _ = knn_cc_run
     out = f"s3://{out}"

@@ -1,4 +1,8 @@
-"""Clustering methods (one protocol, a registry) and the global merge."""
+"""Clustering methods (one protocol, a registry) and the global merge.
+
+Every built-in method is one module or subpackage here, registered by the import below
+(adding a method: one new module plus one line in this import; see README "Adding a
+method")."""
 
 from ltc_ray.cluster import (  # noqa: F401  (register the methods)
     baselines,
@@ -11,10 +15,19 @@ from ltc_ray.cluster import (  # noqa: F401  (register the methods)
 from ltc_ray.cluster.base import (
     REGISTRY,
     ClusterMethod,
+    HaloPartition,
+    LinkHaloPartition,
     LinkResult,
     PartitionInput,
+    RescoreContext,
+    RescoreOutput,
+    ScoreOutput,
+    Shape,
+    Tunable,
     get_method,
+    method_class,
     method_names,
+    register,
 )
 from ltc_ray.cluster.components import (
     dense_cluster_ids,
@@ -26,12 +39,21 @@ from ltc_ray.cluster.components import (
 __all__ = [
     "REGISTRY",
     "ClusterMethod",
+    "HaloPartition",
+    "LinkHaloPartition",
     "LinkResult",
     "PartitionInput",
+    "RescoreContext",
+    "RescoreOutput",
+    "ScoreOutput",
+    "Shape",
+    "Tunable",
     "dense_cluster_ids",
     "get_method",
     "merge_edges",
+    "method_class",
     "method_names",
+    "register",
     "representatives",
     "spanning_forest",
 ]

@@ -1,21 +1,92 @@
 """The one protocol every clustering method follows, and the registry of methods.
 
-A method sees one partition at a time (its rows of the kNN graph) and answers
-two questions, scikit-learn style: ``score`` (a per-node density/confidence)
-and ``link`` (given every node's score, which edges to merge and which parent
-each owned node picked). The pipeline owns scheduling, halos and the merge, so
-a method is plain array code that is easy to test without Ray.
+A method declares what it needs in ONE typed place, its :class:`Shape`: how its per-node
+scores are computed (from its own kNN rows, from a one-hop halo of features on partition
+actors, or by a re-scoring stage it runs itself), how it links (per partition from its own
+rows, per partition with a halo of neighbours' rows and features, or over the whole graph
+in one task), which graph it links on (the scored graph, a second kNN over the node
+features its score stage emits, or a second kNN over the input features with its own k),
+its params and its tunable threshold. The pipeline compiles the shape once into stages
+(``pipeline.executor``); it never reads an attribute the shape does not declare, never
+compares method names, and never imports a method's internals.
+
+The hooks a shape calls (scikit-learn style; each returns plain arrays, testable without
+Ray):
+
+=================  ============================================================
+shape              hook the method implements
+=================  ============================================================
+score "rows"       ``score(part: PartitionInput) -> (n,) float32``
+score "halo"       ``score_halo(part: HaloPartition) -> ScoreOutput``
+score "rescore"    ``rescore_graph(ctx: RescoreContext) -> RescoreOutput``
+link "rows"        ``link(part: PartitionInput, scores (N,)) -> LinkResult``
+link "halo"        ``link_halo(part: LinkHaloPartition, scores, context) -> LinkResult``
+link "whole-graph" ``cluster_graph(knn_ids, knn_sims, features) -> labels (N,)``
+link_reduce        ``link_context(scores (N,)) -> value`` passed to every ``link_halo``
+=================  ============================================================
+
+A method is registered with :func:`register`; its params dataclass (fields declared with
+:func:`ltc_ray.params.param`, so ranges and choices are validated by the config loader) is
+the class attribute ``Params``. Construction is cheap (no I/O); :meth:`ClusterMethod.load`
+reads a model, once, before any work.
 """
 
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass
-from typing import Any, ClassVar
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from ltc_ray.errors import InputError
+from ltc_ray.graph.ranking import first_true, higher_ranked  # noqa: F401 (re-exported)
+from ltc_ray.plan_model import PlanContext, PlanStage, shape_stages
+
+ScoreShape = Literal["rows", "halo", "rescore"]
+LinkShape = Literal["rows", "halo", "whole-graph"]
+LinkGraph = Literal["scored", "node-features", "input"]
+
+# hooks each shape needs (checked when a method is registered and when it is compiled)
+SCORE_HOOKS = {"rows": "score", "halo": "score_halo", "rescore": "rescore_graph"}
+LINK_HOOKS = {"rows": "link", "halo": "link_halo", "whole-graph": "cluster_graph"}
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """The threshold ``jobs/tune.py`` searches on a labelled split: ``param`` over
+    ``[low, high]`` in steps of ``step``."""
+
+    param: str
+    low: float
+    high: float
+    step: float
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How the pipeline runs a method (see the module docstring for the hooks)."""
+
+    score: ScoreShape = "rows"
+    link: LinkShape = "rows"
+    # the graph the link step reads: the one scoring ran on (the input kNN graph, or the
+    # graph a "rescore" stage wrote), a second kNN over the node features the halo score
+    # stage emits, or a second kNN over the input features with ``link_k`` neighbours
+    link_graph: LinkGraph = "scored"
+    link_k: int | None = None  # k of a second graph (None: the config's knn.k)
+    node_features: bool = False  # a "halo" score also emits node features (ScoreOutput)
+    # link "halo": the actors also serve the neighbours' node features (else only rows)
+    link_halo_features: bool = False
+    link_reduce: bool = False  # link "halo": ``link_context`` over all scores first
+    whole_graph_features: bool = False  # link "whole-graph": the feature matrix too
+    # link "halo" without features: the neighbours' rows are fetched at once up to this
+    # many bytes, else per block of anchors (memory bounded, same results)
+    halo_bytes: int | None = None
+    # the params fields the score depends on (a rerun reuses stored scores when only other
+    # fields change, e.g. a link threshold); None = all of them (always safe)
+    score_params: tuple[str, ...] | None = None
+    uses_model: bool = False  # params.model names a model directory (its hash is a key)
+    tunable: Tunable | None = None
 
 
 @dataclass
@@ -34,6 +105,70 @@ class PartitionInput:
 
 
 @dataclass
+class HaloPartition:
+    """What a "halo" scorer sees for owned rows ``[start, stop)``: ``adj (n, m)`` float32 CSR
+    holds the owned rows of the row-normalised adjacency over columns ``cols (m,)`` (sorted
+    global ids, owned and halo); ``x_cols (m, d)`` their features; ``x (n, d)`` the owned
+    features; ``device`` the torch device Ray assigned to the actor ("cpu" or "cuda")."""
+
+    start: int
+    stop: int
+    knn_ids: np.ndarray
+    knn_sims: np.ndarray
+    x: np.ndarray
+    adj: Any
+    cols: np.ndarray
+    x_cols: np.ndarray
+    device: str = "cpu"
+
+
+@dataclass
+class LinkHaloPartition:
+    """Owned rows ``[start, stop)`` of the link graph plus lookups serving the node
+    features (``feats_of``; None when the shape does not ask for them) and the kNN rows
+    (``rows_of``) of any node in the owned rows' neighbourhood."""
+
+    start: int
+    stop: int
+    knn_ids: np.ndarray
+    knn_sims: np.ndarray
+    feats_of: Any
+    rows_of: Any
+
+
+@dataclass
+class ScoreOutput:
+    """A "halo" scorer's result: ``scores (n,) float32`` and, when the shape declares
+    ``node_features``, the owned nodes' features ``(n, width) float32``."""
+
+    scores: np.ndarray
+    node_features: np.ndarray | None = None
+
+
+@dataclass
+class RescoreContext:
+    """What a "rescore" stage gets: the inputs, the graph, the partitions, the cluster's
+    CPUs/GPUs and where to write the re-scored graph (blocks = partitions)."""
+
+    features: Any  # io.features.FeatureInfo
+    graph: Any  # graph.knn_graph.KnnManifest
+    ranges: list[tuple[int, int]]
+    cpus: float
+    gpus: float
+    out_dir: str
+
+
+@dataclass
+class RescoreOutput:
+    """Per-partition score refs, the re-scored graph (its manifest, saved) and stats
+    (``actor_peak_rss_bytes`` a list, the rest recorded as is)."""
+
+    scores: list
+    graph: Any
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
 class LinkResult:
     """``parent (n,) int64`` per owned node (-1: root) and merge edges ``src, dst (e,) int64``."""
 
@@ -42,61 +177,69 @@ class LinkResult:
     dst: np.ndarray
 
 
-class ClusterMethod(abc.ABC):
-    """Base class of all methods; subclasses register themselves by ``name``."""
+class ClusterMethod:
+    """Base class of all methods; a subclass sets ``name``, ``Params`` and ``shape`` (or
+    overrides :meth:`compile_shape` when the shape depends on params) and implements the
+    hooks its shape calls."""
 
     name: ClassVar[str]
-    params_key: ClassVar[str]  # attribute of ``Config.methods`` holding the params dataclass
-    # The threshold ``jobs/tune.py`` searches on a labelled split: (param, low, high, step).
-    tunable: ClassVar[tuple[str, float, float, float] | None] = None
-    # Halo methods (graph models) score with ``score_halo`` on partition actors that fetch
-    # their neighbours' features and reverse edges; the others use ``score`` on their rows.
-    needs_halo: ClassVar[bool] = False
-    # Methods whose link needs neighbours' features and kNN rows (GCN-E) link with
-    # ``link_halo`` on actors over the feature graph instead of ``link`` in tasks.
-    needs_link_halo: ClassVar[bool] = False
-    # ... and whether those link actors also serve the neighbours' features (GCN-E does;
-    # TPDi needs only the rows)
-    link_features: ClassVar[bool] = True
-    # Whole-graph methods (``cluster.whole_graph.WholeGraphMethod``) cluster all kNN rows
-    # in one Ray task with ``cluster_graph`` instead of linking per partition.
-    whole_graph: ClassVar[bool] = False
-    # Methods that re-score the kNN graph with a model before linking (hard-clusters) run
-    # the pipeline's rescore stage (``pipeline.rescore``) instead of ``score``: ``rescore``
-    # re-sorts a partition's rows, ``transition_edges`` gives its density contributions.
-    rescores_graph: ClassVar[bool] = False
-    # The params fields ``score`` depends on (resumable runs reuse stored scores when only
-    # other fields change, e.g. a link threshold); None = all of them (always safe).
-    score_params: ClassVar[tuple[str, ...] | None] = None
-    # fsspec options for the method's own files (a model on object storage); set by
-    # ``get_method`` before ``__init__`` runs, so every subclass's loader can use it
-    storage_options: dict | None = None
-    seed: int = 0  # ``Config.seed``, set by ``get_method`` like ``storage_options``
+    Params: ClassVar[type]  # the params dataclass (``config.methods.<name>``)
+    shape: ClassVar[Shape] = Shape()
+    # learned methods: the module ``jobs/train.py`` runs, with ``train_config(options: dict,
+    # seed) -> config`` (the train flags, refused with InputError) and ``train(ctx:
+    # cluster.training.TrainContext) -> meta`` (writes the model directory ctx.output)
+    trainer: ClassVar[Any] = None
+    # the sub-directories of a model directory holding weights + model.json ("" = itself)
+    model_dirs: ClassVar[tuple[str, ...]] = ("",)
 
-    def __init__(self, params: Any, k: int):
+    def __init__(self, params: Any, k: int, seed: int = 0,
+                 storage_options: dict | None = None):
         self.params = params
         self.k = k
+        self.seed = seed  # ``Config.seed``: seeded methods (Infomap, CW) use it
+        self.storage_options = storage_options  # for the method's own files (a model)
+        self.shape = self.compile_shape()
+        check_hooks(type(self), self.shape)
+
+    def compile_shape(self) -> Shape:
+        """The shape of this instance (params may change it: GCN-V's feature pass)."""
+        return type(self).shape
+
+    def load(self) -> None:  # noqa: B027 - optional hook
+        """Read what the method needs before work starts (a model); errors are InputError."""
 
     def check_inputs(self, dim: int, where: str) -> None:  # noqa: B027 - optional hook
         """Refuse inputs the method cannot use (e.g. a model trained for another dim)."""
 
-    def score(self, part: PartitionInput) -> np.ndarray:
-        """Per-node score ``(n,) float32`` from the partition's own rows."""
-        raise NotImplementedError(f"{self.name} scores with score_halo")
+    def model_uri(self) -> str | None:
+        """The model directory the params name (shapes with ``uses_model``), else None."""
+        return (self.params.model or None) if self.shape.uses_model else None
 
-    def score_halo(self, part: Any) -> np.ndarray:
-        """Per-node score from a ``pipeline.halo.HaloPartition`` (features + adjacency rows)."""
-        raise NotImplementedError(f"{self.name} scores from its own rows")
-
-    @abc.abstractmethod
-    def link(self, part: PartitionInput, scores: np.ndarray) -> LinkResult:
-        """Parents and merge edges of the owned nodes; ``scores (N,)`` covers all nodes."""
+    def plan(self, ctx: PlanContext) -> list[PlanStage]:
+        """The method's stages in a dry-run plan (what runs, per-worker memory, expected
+        seconds), derived from its shape; a method with a memory model of its own overrides
+        it. Called without :meth:`load`: model metadata falls back to defaults."""
+        return shape_stages(self, ctx)
 
 
 REGISTRY: dict[str, type[ClusterMethod]] = {}
 
 
+def check_hooks(cls: type, shape: Shape) -> None:
+    """Refuse a method class that lacks a hook its shape calls."""
+    needed = [SCORE_HOOKS[shape.score], LINK_HOOKS[shape.link]]
+    if shape.link_reduce:
+        needed.append("link_context")
+    missing = [hook for hook in needed if not callable(getattr(cls, hook, None))]
+    if missing:
+        raise TypeError(f"method {cls.__name__} declares {shape} but lacks {missing}")
+
+
 def register(cls: type[ClusterMethod]) -> type[ClusterMethod]:
+    """Add a method to the registry (checks its name, params dataclass and hooks)."""
+    if not dataclasses.is_dataclass(getattr(cls, "Params", None)):
+        raise TypeError(f"method {cls.__name__} needs a Params dataclass")
+    check_hooks(cls, cls.shape)
     REGISTRY[cls.name] = cls
     return cls
 
@@ -105,35 +248,34 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def get_method(name: str, config: Any, storage_options: dict | None = None) -> ClusterMethod:
-    """Instantiate method ``name`` with its parameters from ``config.methods``;
-    ``storage_options`` reach the method's model loading (``--model s3://...``)."""
+def method_class(name: str) -> type[ClusterMethod]:
+    """The registered class of ``name``; an unknown name is an InputError listing them."""
     if name not in REGISTRY:
         choices = ", ".join(method_names())
         raise InputError("--method", f"unknown method '{name}'; choose one of {choices}")
-    cls = REGISTRY[name]
-    method = cls.__new__(cls)
-    method.storage_options = storage_options
-    method.seed = int(getattr(config, "seed", 0))  # seeded methods (Infomap, CW) use it
-    method.__init__(getattr(config.methods, cls.params_key), config.knn.k)
+    return REGISTRY[name]
+
+
+def get_method(name: str, config: Any, storage_options: dict | None = None,
+               load: bool = True) -> ClusterMethod:
+    """Method ``name`` with its params from ``config.methods`` (its model read when
+    ``load``); ``storage_options`` reach the method's own files (``--model s3://...``)."""
+    cls = method_class(name)
+    method = cls(config.methods.of(name), config.knn.k, seed=int(config.seed),
+                 storage_options=storage_options)
+    if load:
+        method.load()
     return method
+
+
+def halo_fits(halo_rows: int, row_bytes: int, halo_bytes: int | None) -> bool:
+    """Whether an actor fetches its whole halo at once (``halo_bytes`` None: always);
+    otherwise it fetches per chunk of rows (edge actors) or per block of anchors (link
+    actors) -- the meaning of :attr:`Shape.halo_bytes`."""
+    return halo_bytes is None or halo_rows * row_bytes <= halo_bytes
 
 
 def neighbor_density(knn_sims: np.ndarray, m: int) -> np.ndarray:
     """Mean similarity to the first ``m`` neighbours, self (rank 0) excluded: ``(n,) float32``."""
     m = min(m, knn_sims.shape[1] - 1)
     return knn_sims[:, 1 : m + 1].astype(np.float64).mean(axis=1).astype(np.float32)
-
-
-def higher_ranked(
-    node_ids: np.ndarray, node_scores: np.ndarray, nbr_ids: np.ndarray, nbr_scores: np.ndarray
-) -> np.ndarray:
-    """``(n, m) bool``: neighbour outranks the node in the strict total order
-    (score descending, then id ascending), so parent links never form cycles."""
-    mine = node_scores[:, None]
-    return (nbr_scores > mine) | ((nbr_scores == mine) & (nbr_ids < node_ids[:, None]))
-
-
-def first_true(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column of the first True per row and whether any exists."""
-    return mask.argmax(axis=1), mask.any(axis=1)

@@ -9,20 +9,94 @@ is deterministic for a given graph and ``Config.seed``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from ltc_ray.cluster.base import register
+from ltc_ray.cluster.base import Tunable, register
 from ltc_ray.cluster.whole_graph import (
     WholeGraphMethod,
     components,
     knn_edges,
     row_argmax,
     symmetric_graph,
+    whole_graph_shape,
 )
+from ltc_ray.params import COSINE, NEIGHBOURS, ROUNDS, ROWS, Range, param
 
 log = logging.getLogger("ltc_ray")
+
+
+@dataclass
+class InfomapParams:
+    """Infomap on the kNN graph with edges of cosine >= threshold, weighted by cosine
+    (two-level, undirected, seeded by ``seed``); one process, see cluster/whole_graph.py."""
+
+    threshold: float = param(0.59, valid=COSINE)  # tuned on synthetic part0_train, see README
+    trials: int = param(2, valid=Range(1, 1000))  # Infomap trials (the best is kept)
+
+
+@dataclass
+class ChineseWhispersParams:
+    """Chinese whispers on the kNN graph with edges of cosine >= threshold (cosine-weighted
+    votes, a seeded random half of the nodes updated per round)."""
+
+    threshold: float = param(0.54, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # rounds at most (stops early when no label would change)
+    iterations: int = param(20, valid=Range(1, ROUNDS))
+
+
+@dataclass
+class KnnDBSCANParams:
+    """DBSCAN on the kNN cosine-distance graph: core = >= min_samples points (self included)
+    within eps in the kNN row; border points join their nearest core; noise = singletons."""
+
+    # tuned on synthetic part0_train (jobs/tune.py), see README
+    eps: float = param(0.29, valid=Range(0.0, 2.0, low_open=True, what="a cosine distance"))
+    min_samples: int = param(4, valid=Range(1, 1 << 16))
+
+
+@dataclass
+class AROParams:
+    """Approximate rank-order (Otto et al.) over each node's top ``neighbors`` list; link
+    pairs with rank-order distance <= threshold, clusters = connected components."""
+
+    # tuned on synthetic part0_train (jobs/tune.py), see README
+    threshold: float = param(1.25, valid=Range(0.0, None, what="a rank-order distance"))
+    neighbors: int = param(20, valid=Range(1, NEIGHBOURS))  # list length m; cost O(N m^2)
+
+
+@dataclass
+class CDPParams:
+    """CDP-style linkage: components of edges with cosine >= threshold, re-cut with the
+    threshold raised by ``step`` while larger than ``max_size``."""
+
+    threshold: float = param(0.68, valid=COSINE)  # tuned on synthetic part0_train, see README
+    max_size: int = param(300, valid=Range(1, 1 << 40))
+    step: float = param(0.05, valid=Range(1e-4, 2.0, why_low="a smaller step re-cuts the "
+                                                              "graph up to 2/step times"))
+
+
+@dataclass
+class HACParams:
+    """Average-linkage HAC on the kNN graph (missing pairs = similarity 0), merging while
+    the average cosine is >= threshold (distance 1 - threshold)."""
+
+    threshold: float = param(0.21, valid=COSINE)  # tuned on synthetic part0_train, see README
+    max_rounds: int = param(1000, valid=Range(1, ROUNDS))  # reciprocal-pair merge rounds
+
+
+@dataclass
+class KMeansParams:
+    """Spherical faiss k-means on the features; K and the starting centroids from the
+    components of kNN edges with cosine >= threshold, unless n_clusters > 0."""
+
+    threshold: float = param(0.71, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # > 0: fixed K with seeded random init (nredo restarts)
+    n_clusters: int = param(0, valid=Range(0, ROWS))
+    niter: int = param(20, valid=Range(1, 10_000))
+    nredo: int = param(3, valid=Range(1, 100))
 
 
 @register
@@ -32,10 +106,11 @@ class InfomapMethod(WholeGraphMethod):
     singletons. Needs the ``infomap`` package (a main dependency)."""
 
     name = "infomap"
-    params_key = "infomap"
-    tunable = ("threshold", 0.30, 0.95, 0.01)
+    Params = InfomapParams
+    shape = whole_graph_shape(Tunable("threshold", 0.30, 0.95, 0.01))
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
         from infomap import Infomap
 
         n = len(knn_ids)
@@ -68,10 +143,11 @@ class ChineseWhispers(WholeGraphMethod):
     would change."""
 
     name = "chinese-whispers"
-    params_key = "chinese_whispers"
-    tunable = ("threshold", 0.30, 0.95, 0.01)
+    Params = ChineseWhispersParams
+    shape = whole_graph_shape(Tunable("threshold", 0.30, 0.95, 0.01))
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
         n = len(knn_ids)
         a = symmetric_graph(n, *knn_edges(knn_ids, knn_sims, self.params.threshold))
         rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(a.indptr))
@@ -99,10 +175,11 @@ class KnnDBSCAN(WholeGraphMethod):
     nearest such core; the rest (noise) are singletons."""
 
     name = "knn-dbscan"
-    params_key = "knn_dbscan"
-    tunable = ("eps", 0.05, 0.70, 0.01)
+    Params = KnnDBSCANParams
+    shape = whole_graph_shape(Tunable("eps", 0.05, 0.70, 0.01))
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
         n = len(knn_ids)
         src, dst, sim = knn_edges(knn_ids, knn_sims, 1.0 - self.params.eps)
         core = np.bincount(src, minlength=n) + 1 >= self.params.min_samples
@@ -183,10 +260,11 @@ class ApproxRankOrder(WholeGraphMethod):
     <= ``threshold``."""
 
     name = "aro"
-    params_key = "aro"
-    tunable = ("threshold", 0.0, 3.0, 0.05)
+    Params = AROParams
+    shape = whole_graph_shape(Tunable("threshold", 0.0, 3.0, 0.05))
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
         m = max(2, min(self.params.neighbors, knn_ids.shape[1]))
         src, dst, dist = rank_order_distances(knn_ids, m)
         keep = dist <= self.params.threshold
@@ -209,10 +287,11 @@ class CDP(WholeGraphMethod):
     repeat one rounded threshold forever; config refuses steps below 1e-4)."""
 
     name = "cdp"
-    params_key = "cdp"
-    tunable = ("threshold", 0.30, 0.95, 0.01)
+    Params = CDPParams
+    shape = whole_graph_shape(Tunable("threshold", 0.30, 0.95, 0.01))
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
         n = len(knn_ids)
         p = self.params
         th0, step = float(p.threshold), float(p.step)
@@ -278,10 +357,12 @@ class AverageHAC(WholeGraphMethod):
     ~80-160 rounds on 29K synthetic samples)."""
 
     name = "hac"
-    params_key = "hac"
-    tunable = ("threshold", 0.05, 0.95, 0.01)  # averages count missing pairs as 0
+    Params = HACParams
+    # averages count missing pairs as 0
+    shape = whole_graph_shape(Tunable("threshold", 0.05, 0.95, 0.01))
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
         n = len(knn_ids)
         g = symmetric_graph(n, *knn_edges(knn_ids, knn_sims)).tocoo()
         r, c, w = g.row.astype(np.int64), g.col.astype(np.int64), g.data.astype(np.float64)
@@ -333,16 +414,14 @@ class KMeans(WholeGraphMethod):
     init with ``nredo`` restarts. ``threshold`` is what ``jobs/tune.py`` searches."""
 
     name = "kmeans"
-    params_key = "kmeans"
-    tunable = ("threshold", 0.30, 0.95, 0.01)
-    needs_features = True
+    Params = KMeansParams
+    shape = whole_graph_shape(Tunable("threshold", 0.30, 0.95, 0.01), whole_graph_features=True)
 
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("kmeans clusters the features (cluster_features)")
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
+        import faiss  # a main dependency only through the cpu/gpu extras
 
-    def cluster_features(self, x: np.ndarray, knn_ids: np.ndarray,
-                         knn_sims: np.ndarray) -> np.ndarray:
-        import faiss
+        x = features
 
         p = self.params
         n, d = x.shape

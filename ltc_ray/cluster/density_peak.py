@@ -3,17 +3,22 @@ with an unsupervised density in place of the learned confidence)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ltc_ray.cluster.base import (
     ClusterMethod,
     LinkResult,
     PartitionInput,
+    Shape,
+    Tunable,
     first_true,
     higher_ranked,
     neighbor_density,
     register,
 )
+from ltc_ray.params import COSINE, NEIGHBOURS, Range, param
 
 
 def link_to_nearest_higher(
@@ -38,12 +43,21 @@ def link_to_nearest_higher(
     return LinkResult(parent=parent, src=node_ids[keep], dst=parent[keep])
 
 
+@dataclass
+class DensityPeakParams:
+    """Score = mean similarity to the first ``neighbors`` neighbours (self excluded; capped
+    at k - 1); link each node to its nearest neighbour of strictly higher score when
+    sim > tau."""
+
+    neighbors: int = param(10, valid=Range(1, NEIGHBOURS))
+    tau: float = param(0.64, valid=COSINE)  # tuned on synthetic part0_train, see README
+
+
 @register
 class DensityPeak(ClusterMethod):
     name = "density-peak"
-    params_key = "density_peak"
-    tunable = ("tau", 0.30, 0.95, 0.01)
-    score_params = ("neighbors",)
+    Params = DensityPeakParams
+    shape = Shape(score_params=("neighbors",), tunable=Tunable("tau", 0.30, 0.95, 0.01))
 
     def score(self, part: PartitionInput) -> np.ndarray:
         return neighbor_density(part.knn_sims, self.params.neighbors)

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ltc_ray.cluster.base import (
     ClusterMethod,
     LinkResult,
     PartitionInput,
+    Shape,
+    Tunable,
     first_true,
     higher_ranked,
     neighbor_density,
     register,
 )
+from ltc_ray.params import COSINE, param
 
 SCORE_NEIGHBORS = 10
+
+
+@dataclass
+class KnnCCParams:
+    """Keep kNN edges with similarity >= threshold; clusters = connected components."""
+
+    threshold: float = param(0.70, valid=COSINE)  # tuned on synthetic part0_train, see README
 
 
 @register
@@ -27,9 +39,9 @@ class KnnCC(ClusterMethod):
     """
 
     name = "knn-cc"
-    params_key = "knn_cc"
-    tunable = ("threshold", 0.30, 0.95, 0.01)
-    score_params = ()  # the score is a fixed neighbour density
+    Params = KnnCCParams
+    # the score is a fixed neighbour density
+    shape = Shape(score_params=(), tunable=Tunable("threshold", 0.30, 0.95, 0.01))
 
     def score(self, part: PartitionInput) -> np.ndarray:
         return neighbor_density(part.knn_sims, SCORE_NEIGHBORS)

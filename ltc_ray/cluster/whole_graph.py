@@ -2,9 +2,9 @@
 
 Infomap, Chinese whispers, HAC, kNN-DBSCAN, approximate rank-order and CDP need the
 whole graph at once (a label moves along any path; a merge changes every neighbour's
-linkage). Such a method subclasses :class:`WholeGraphMethod` and implements
-``cluster_graph(knn_ids, knn_sims) -> labels (N,)``. The pipeline
-(``pipeline.cluster_stage``) then:
+linkage). Such a method subclasses :class:`WholeGraphMethod` (shape link "whole-graph") and
+implements ``cluster_graph(knn_ids, knn_sims, features) -> labels (N,)``. The executor
+(``pipeline.executor``) then:
 
 1. scores every partition as usual (``score`` = mean cosine to the 10 nearest
    neighbours, the same density as knn-cc), in parallel;
@@ -30,34 +30,36 @@ These methods are inherently single-process and say so; everything around them
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from ltc_ray.cluster.base import ClusterMethod, LinkResult, PartitionInput, neighbor_density
+from ltc_ray.cluster.base import ClusterMethod, PartitionInput, Shape, Tunable, neighbor_density
 from ltc_ray.cluster.components import dense_cluster_ids, representatives
 
 SCORE_NEIGHBORS = 10
-BYTES_PER_EDGE = 64  # the budget documented above (kNN rows + symmetric graph + temporaries)
 
 
-class WholeGraphMethod(ClusterMethod):
+def whole_graph_shape(tunable: Tunable | None, whole_graph_features: bool = False) -> Shape:
+    """The shape of a whole-graph method: the neighbour-density score, one link task."""
+    return Shape(score="rows", link="whole-graph", score_params=(), tunable=tunable,
+                 whole_graph_features=whole_graph_features)
+
+
+class WholeGraphMethod(ClusterMethod, abc.ABC):
     """A method run on the whole kNN graph in one Ray task (see the module docstring)."""
 
-    whole_graph: ClassVar[bool] = True
-    score_params = ()  # the score is a fixed neighbour density
+    shape = whole_graph_shape(None)
 
     def score(self, part: PartitionInput) -> np.ndarray:
         return neighbor_density(part.knn_sims, SCORE_NEIGHBORS)
 
-    def link(self, part: PartitionInput, scores: np.ndarray) -> LinkResult:
-        raise NotImplementedError(f"{self.name} clusters the whole graph (cluster_graph)")
-
     @abc.abstractmethod
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray) -> np.ndarray:
-        """Labels ``(N,)`` (any integers; equal label = same cluster) for the whole graph."""
+    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
+                      features: np.ndarray | None = None) -> np.ndarray:
+        """Labels ``(N,)`` (any integers; equal label = same cluster) for the whole graph;
+        ``features (N, D)`` only for a shape with ``whole_graph_features``."""
 
 
 def labels_to_clusters(

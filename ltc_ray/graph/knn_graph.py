@@ -17,7 +17,8 @@ import numpy as np
 
 from ltc_ray.errors import InputError, brief
 from ltc_ray.io.fs import file_stamp, join_uri, url_to_fs, write_bytes_atomic
-from ltc_ray.io.knn_files import load_knn_block
+from ltc_ray.io.knn_files import load_knn_block, write_ltc_knn
+from ltc_ray.io.output import overlaps
 
 log = logging.getLogger("ltc_ray")
 
@@ -162,8 +163,6 @@ def _check_export_target(
     export wrote (its ``<output>.ltc-ray.json`` marker matches the file's size,
     modification time and ETag); never a user's file, never anything in the work
     directory."""
-    from ltc_ray.io.output import overlaps
-
     if overlaps(output, work_dir, storage_options):
         raise InputError(output, f"overlaps the work directory {brief(work_dir)}, whose graph "
                          "is being read (and that a run may clear); choose a path outside it")
@@ -203,8 +202,6 @@ def export_ltc_npz(
     ``overwrite`` and the ``<output>.ltc-ray.json`` marker an earlier export left beside it
     still matches it (see :func:`_check_export_target`). Each block is checked against
     the manifest while streaming; nothing is left at ``output`` if one is damaged."""
-    from ltc_ray.io.knn_files import write_ltc_knn
-
     manifest = _read_manifest_checked(
         join_uri(work_dir, "knn"), storage_options
     ) or _read_manifest_checked(work_dir, storage_options)

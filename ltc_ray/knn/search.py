@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-try:
+from ltc_ray.errors import FAISS_INSTALL, MissingDependency
+
+try:  # faiss comes from the `cpu` or `gpu` extra: say which, as one line before any work
     import faiss
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError(
-        "ltc-ray needs faiss: pip install 'ltc-ray[cpu]' (faiss-cpu) or 'ltc-ray[gpu]' (faiss-gpu)"
-    ) from exc
+except ImportError as exc:
+    raise MissingDependency.from_import_error("faiss", FAISS_INSTALL, exc) from exc
 
 RESCORE_CHUNK = 512
 # Extra candidates fetched per shard and re-ranked exactly, so near-ties around the k-th
@@ -28,6 +28,12 @@ TIE_MARGIN = 8
 def default_nlist(n_rows: int) -> int:
     """learn-to-cluster's IVF rule: min(4096, 8 * round(sqrt(N))), at least 1."""
     return max(1, min(4096, 8 * round(math.sqrt(n_rows))))
+
+
+def ivf_nlist(n_rows: int, nlist: int = 0) -> int:
+    """The IVF list count an index over ``n_rows`` rows trains: ``nlist`` (0 =
+    :func:`default_nlist`), capped so that every list has faiss' 39 training points."""
+    return max(1, min(nlist or default_nlist(n_rows), n_rows // 39 or 1))
 
 
 def build_index(
@@ -44,8 +50,7 @@ def build_index(
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
-        nlist = nlist or default_nlist(n)
-        nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants >= 39 training points per list
+        nlist = ivf_nlist(n, nlist)
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed

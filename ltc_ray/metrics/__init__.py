@@ -4,6 +4,7 @@ Pure functions over (N,) integer label arrays; exact, O(N log N), no pairs
 materialised. ``evaluate`` returns the flat dict written to ``metrics.json``.
 """
 
+from ltc_ray.metrics.report import metrics_table
 from ltc_ray.metrics.scores import (
     Contingency,
     bcubed_prf,
@@ -18,6 +19,7 @@ __all__ = [
     "bcubed_prf",
     "contingency",
     "evaluate",
+    "metrics_table",
     "nmi",
     "pairwise_prf",
 ]

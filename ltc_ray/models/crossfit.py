@@ -19,8 +19,10 @@ import numpy as np
 
 from ltc_ray.graph.adjacency import whole_graph_adjacency
 from ltc_ray.knn.search import exact_knn
+from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
 from ltc_ray.models.gcn_v import aggregate, predict
 from ltc_ray.models.train import TrainConfig, train_gcn_v_on_graph
+from ltc_ray.models.train_hc import train_edge_scorer
 
 __all__ = ["OutOfFold", "identity_folds", "out_of_fold_edges", "out_of_fold_gcn_v"]
 
@@ -135,9 +137,6 @@ def out_of_fold_edges(x: np.ndarray, labels: np.ndarray, cfg, k: int, folds: int
     ones (an in-sample scorer is over-confident on its own identities: at synthetic scale
     0.05 the training split's best threshold was 0.8, the test split's 0.4).
     """
-    from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
-    from ltc_ray.models.train_hc import train_edge_scorer
-
     x = np.ascontiguousarray(x, dtype=np.float32)
     labels = np.asarray(labels)
     fold_of, order, smallest = _fold_layout(labels, folds, cfg.seed)

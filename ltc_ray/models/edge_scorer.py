@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ltc_ray.models.gcn_v import ROW_BLOCK
+
 __all__ = ["EdgeScorer", "ScorerShape", "edge_probabilities", "resort_rows", "token_batch"]
 
 FeatsOf = Callable[[np.ndarray], np.ndarray]
@@ -126,8 +128,6 @@ def edge_probabilities(model: EdgeScorer, knn_ids: np.ndarray, feats_of: FeatsOf
     anchors x k is a multiple of :data:`~ltc_ray.models.gcn_v.ROW_BLOCK` GEMM rows; the last
     batch is padded with copies of its first row) and always a padding mask, so a row's
     result does not depend on its batch or its neighbours in it."""
-    from ltc_ray.models.gcn_v import ROW_BLOCK
-
     model = model.to(device).eval()
     n, k = knn_ids.shape
     unit = ROW_BLOCK // math.gcd(k, ROW_BLOCK)

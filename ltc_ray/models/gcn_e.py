@@ -1,7 +1,7 @@
 """GCN-E (Yang et al., CVPR 2020): choose each confident node's parent among its candidates.
 
 For node i the candidates S_i are its kNN neighbours that outrank it (confidence descending,
-then id ascending: :func:`ltc_ray.cluster.base.higher_ranked`), in kNN order. A node with one
+then id ascending: :func:`ltc_ray.graph.ranking.higher_ranked`), in kNN order. A node with one
 candidate, or below the top-rho confidence share, links to the first (nearest) one; otherwise
 a 4-layer GCN over the candidate subgraph (features H_j − H_i, adjacency the GCN-V Â restricted
 to S_i and re-normalised) scores how likely each candidate shares i's identity, and i links to
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ltc_ray.graph.ranking import higher_ranked
 from ltc_ray.models.gcn_v import ROW_BLOCK, GraphConvConcat, as_tensor
 
 __all__ = [
@@ -141,9 +142,6 @@ def candidate_table(
         raise ValueError(f"conf_of_nodes {np.shape(conf_of_nodes)} must be ({n},)")
     if max_candidates is not None and max_candidates < 1:
         raise ValueError(f"max_candidates must be positive, got {max_candidates}")
-    # imported here: ltc_ray.cluster's package init imports methods that import this module
-    from ltc_ray.cluster.base import higher_ranked
-
     ids = knn_ids.astype(np.int64, copy=False)
     outranks = higher_ranked(
         node_ids, np.asarray(conf_of_nodes), ids, np.asarray(conf_of_neighbours)

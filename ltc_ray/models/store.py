@@ -31,6 +31,7 @@ from ltc_ray.io.fs import (
     url_to_fs,
     write_bytes_atomic,
 )
+from ltc_ray.io.lock import LOCK
 from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
 from ltc_ray.models.gcn_e import GCNE
 from ltc_ray.models.gcn_v import GCNV
@@ -170,8 +171,6 @@ def check_model_location(uri: str, overwrite: bool,
     """Refuse a model output that is a file, holds anything but an earlier model's files
     (whatever the flags), or holds a model (without ``overwrite``). Returns the earlier
     model's files (relative paths), the only ones a new model may replace or remove."""
-    from ltc_ray.io.lock import LOCK
-
     fs, path = url_to_fs(uri, storage_options)
     path = path.rstrip("/")
     if fs.isfile(path):

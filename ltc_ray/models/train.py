@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ltc_ray.graph.adjacency import whole_graph_adjacency
 from ltc_ray.models.gcn_v import GCNV, aggregate, as_tensor
+from ltc_ray.models.targets import confidence_target
 
 __all__ = ["DEFAULT_BATCH_ROWS", "TrainConfig", "train_gcn_v", "train_gcn_v_on_graph"]
 
@@ -169,9 +171,6 @@ def train_gcn_v_on_graph(
     """GCN-V trained on a labelled kNN graph: Â from the graph, the ``s_nbr`` target from
     the labels, then :func:`train_gcn_v`. Returns the model, its history and ÂX (which
     inference on the same rows reuses)."""
-    from ltc_ray.graph.adjacency import whole_graph_adjacency
-    from ltc_ray.models.targets import confidence_target
-
     agg = aggregate(whole_graph_adjacency(knn_ids, knn_sims), x)
     target = confidence_target(knn_ids, knn_sims, labels)
     model, history = train_gcn_v(x, None, target, cfg, progress=progress, agg=agg)

@@ -1,4 +1,5 @@
-"""Per-partition scoring and linking on Ray, then the global merge.
+"""The Ray tasks of the score and link stages, by shape, and the global merge (the
+executor, :mod:`ltc_ray.pipeline.executor`, decides when they run).
 
 Each partition task reads only its own rows of the kNN graph. Link tasks see every
 node's score (N float32, shared zero-copy through the object store) and, in forest
@@ -17,12 +18,13 @@ import ray
 
 from ltc_ray.cluster.base import ClusterMethod, PartitionInput
 from ltc_ray.cluster.components import merge_edges, representatives, spanning_forest
+from ltc_ray.cluster.whole_graph import labels_to_clusters
 from ltc_ray.config import ClusterConfig
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
-from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, wait_all
-from ltc_ray.pipeline.stages import delay_for_tests, slice_rows
+from ltc_ray.pipeline.stages import slice_rows
+from ltc_ray.runtime import delay_for_tests, peak_rss_bytes, ray_get, wait_all
 
 log = logging.getLogger("ltc_ray")
 
@@ -63,10 +65,10 @@ def _link_partition(method: ClusterMethod, manifest: KnnManifest, start: int, st
 
 
 @ray.remote
-def _confidence_quantile(rho: float, *score_parts) -> float:
-    from ltc_ray.models.gcn_e import confidence_quantile
-
-    return confidence_quantile(np.concatenate(score_parts), rho)
+def _link_context(method: ClusterMethod, *score_parts):
+    """The value a "halo" linker with ``link_reduce`` needs from all scores (GCN-E: the
+    confidence quantile above which nodes use the model)."""
+    return method.link_context(np.concatenate(score_parts))
 
 
 @ray.remote(num_returns=3, max_retries=3)
@@ -80,21 +82,18 @@ def _merge(n_rows: int, n_parts: int, *refs):
 @ray.remote(num_returns=4, max_retries=3)
 def _cluster_whole_graph(method: ClusterMethod, manifest: KnnManifest, so: dict | None,
                          features: FeatureInfo | None, *score_parts):
-    """A whole-graph method (``cluster.whole_graph``) in ONE task: read every kNN row
-    from the graph files, cluster, then dense ids, summary and parents."""
-    from ltc_ray.cluster.whole_graph import labels_to_clusters
-
+    """A whole-graph method in ONE task: read every kNN row from the graph files (and the
+    features when its shape asks), cluster, then dense ids, summary and parents."""
     delay_for_tests("link")
     knn_ids, knn_sims = read_knn_rows(manifest, 0, manifest.n_rows, so)
     edges = int(np.count_nonzero(knn_ids[:, 1:] >= 0))
-    if getattr(method, "needs_features", False):  # k-means: the features too
+    x = None
+    if method.shape.whole_graph_features:  # k-means: the features too
         if features is None:
             raise ValueError(f"{method.name} needs the feature matrix")
-        labels = method.cluster_features(read_features(features, 0, manifest.n_rows),
-                                         knn_ids, knn_sims)
-    else:
-        labels = method.cluster_graph(knn_ids, knn_sims)
-    del knn_ids, knn_sims
+        x = read_features(features, 0, manifest.n_rows)
+    labels = method.cluster_graph(knn_ids, knn_sims, x)
+    del knn_ids, knn_sims, x
     cluster_id, sizes, reps, parent = labels_to_clusters(labels, np.concatenate(score_parts))
     stats = {"edges": edges, "peak_rss": peak_rss_bytes()}
     return cluster_id, (sizes, reps), parent, stats
@@ -132,33 +131,6 @@ class ClusterRefs:
     n_clusters: int
 
 
-def run_cluster_stage(
-    method: ClusterMethod,
-    manifest: KnnManifest,
-    cfg: ClusterConfig,
-    cpus: float,
-    storage_options: dict | None,
-    stage_log,
-    scores: list | None = None,
-    info: FeatureInfo | None = None,
-    feature_dir: str | None = None,
-    link_manifest: KnnManifest | None = None,
-    gpus: float = 0.0,
-) -> ClusterRefs:
-    """Score, link and merge; returns refs (the driver never materialises N-sized data).
-
-    ``scores`` (refs from an earlier call with the same partitioning) skips scoring:
-    tuning a link threshold re-links without re-scoring. ``link_manifest`` links on
-    another graph than the one scored on (GCN-V's pass over its own features).
-    """
-    ranges = partition_ranges(manifest.n_rows, cfg, cpus)
-    if scores is None or len(scores) != len(ranges):
-        scores, _ = score_stage(method, manifest, ranges, cpus, storage_options, stage_log,
-                                info=info, feature_dir=feature_dir, gpus=gpus)
-    return link_merge_stage(method, link_manifest or manifest, ranges, scores, cfg,
-                            storage_options, stage_log, features=info)
-
-
 def score_stage(
     method: ClusterMethod,
     manifest: KnnManifest,
@@ -169,14 +141,15 @@ def score_stage(
     info: FeatureInfo | None = None,
     feature_dir: str | None = None,
     gpus: float = 0.0,
-) -> tuple[list, list]:
-    """Per-partition scores (refs); for halo methods also the per-partition entries of
-    node features written to ``feature_dir`` (when the method emits them)."""
+) -> tuple[list, list, int]:
+    """Per-partition scores (refs); for "halo" scorers also the per-partition entries of
+    node features written to ``feature_dir`` (when the shape emits them) and their width."""
     n = manifest.n_rows
     so = storage_options
     feature_parts: list = []
+    width = 0
     with stage_log.stage("score", rows=n) as rec:
-        if method.needs_halo:
+        if method.shape.score == "halo":
             if info is None:
                 raise ValueError(f"method {method.name} needs the features (info)")
             scores, stat_refs, actors = score_with_halo(method, info, manifest, ranges, cpus,
@@ -186,6 +159,7 @@ def score_stage(
                 ray.kill(actor)
             rss = [s["peak_rss"] for s in stats]
             feature_parts = [s["feature_part"] for s in stats if s.get("feature_part")]
+            width = max((s.get("feature_dim", 0) for s in stats), default=0)
             rec.extra["halo_rows"] = sum(s["halo"] for s in stats)
             rec.extra["actor_peak_rss_bytes"] = rss
         else:
@@ -196,7 +170,7 @@ def score_stage(
             rss = wait_all([p[1] for p in pairs], f"score ({method.name})", "partition")
         rec.worker_peak_rss_bytes = max(rss)
         rec.extra["partitions"] = len(ranges)
-    return scores, feature_parts
+    return scores, feature_parts, width
 
 
 def link_merge_stage(
@@ -211,12 +185,13 @@ def link_merge_stage(
     cpus: float = 1.0,
     features: FeatureInfo | None = None,
 ) -> ClusterRefs:
-    """Link every partition given all scores, then the global merge. Methods that link
-    with a two-hop halo (GCN-E) link on actors over ``manifest``'s rows of ``info``.
-    Whole-graph methods (``method.whole_graph``) run in one task instead."""
+    """Link every partition given all scores, then the global merge. "halo" linkers (GCN-E,
+    TPDi) link on actors over ``manifest``'s rows (and ``info``'s node features when the
+    shape asks); "whole-graph" methods run in one task instead."""
     n = manifest.n_rows
     so = storage_options
-    if method.whole_graph:  # one task over the whole graph (see cluster.whole_graph)
+    shape = method.shape
+    if shape.link == "whole-graph":  # one task over the whole graph (see cluster.whole_graph)
         return _whole_graph_stage(method, manifest, ranges, scores, so, stage_log, features)
     merge_mode = cfg.merge
     if merge_mode == "auto":
@@ -224,14 +199,14 @@ def link_merge_stage(
     forest = merge_mode == "forest"
     with stage_log.stage("link", rows=n) as rec:
         actors = []
-        if method.needs_link_halo:
-            threshold = None
-            if hasattr(method, "rho"):  # GCN-E: the top-rho confidence share uses the model
-                threshold = ray_get(_confidence_quantile.remote(method.rho, *scores))
-                rec.extra["model_threshold"] = threshold
+        if shape.link == "halo":
+            context = None
+            if shape.link_reduce:
+                context = ray_get(_link_context.remote(method, *scores))
+                rec.extra["link_context"] = context
             parents, edges, stat_refs, actors = link_with_halo(
-                method, info if method.link_features else None, manifest,
-                ranges, cpus, scores, forest, threshold, so)
+                method, info if shape.link_halo_features else None, manifest,
+                ranges, cpus, scores, forest, context, so)
         else:
             method_ref = ray.put(method)
             triples = [_link_partition.remote(method_ref, manifest, lo, hi, so, forest, *scores)

@@ -1,4 +1,5 @@
-"""Partition actors for methods that look past their own rows (graph models).
+"""Partition actors for the "halo" shapes: scorers and linkers that look past their own
+rows (graph models). Generic: they call the method's hooks and never its internals.
 
 Each actor owns a contiguous range of nodes: their features and kNN rows. To score
 its nodes it fetches exactly what a one-hop model needs from the other actors: the
@@ -11,38 +12,24 @@ touching it. Peak memory per actor is O(partition + halo).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import ray
 
-from ltc_ray.cluster.hard_clusters import halo_fits
+from ltc_ray.cluster.base import HaloPartition, LinkHaloPartition, halo_fits
+from ltc_ray.cluster.components import spanning_forest
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
-from ltc_ray.pipeline.runtime import peak_rss_bytes, set_torch_threads
-from ltc_ray.pipeline.stages import delay_for_tests
+from ltc_ray.runtime import (
+    delay_for_tests,
+    gather_rows,
+    peak_rss_bytes,
+    set_torch_threads,
+    worker_device,
+)
 
 log = logging.getLogger("ltc_ray")
-
-
-@dataclass
-class HaloPartition:
-    """What a halo method sees for owned rows ``[start, stop)``.
-
-    ``adj`` ``(n, m)`` float32 CSR holds the owned rows of the row-normalised
-    adjacency over columns ``cols`` ``(m,)`` (sorted global ids, owned and halo);
-    ``x_cols`` ``(m, d)`` their features; ``x`` ``(n, d)`` the owned features.
-    """
-
-    start: int
-    stop: int
-    knn_ids: np.ndarray
-    knn_sims: np.ndarray
-    x: np.ndarray
-    adj: object
-    cols: np.ndarray
-    x_cols: np.ndarray
 
 
 @ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=4)
@@ -84,16 +71,17 @@ class PartitionActor:
         adj, cols = adjacency_rows(targets, src, dst, sim)
         x_cols = self._gather(cols, actors, bounds, index)
         part = HaloPartition(self.start, self.stop, self.knn_ids, self.knn_sims, self.x, adj,
-                             cols, x_cols)
-        scores = method.score_halo(part)
-        feature_part = None
-        if isinstance(scores, tuple):
-            scores, node_features = scores
-            if feature_dir is not None:
-                feature_part = write_feature_part(feature_dir, index, self.start, node_features,
-                                                  self.storage_options)
+                             cols, x_cols, device=worker_device())
+        out = method.score_halo(part)
+        feature_part, feature_dim = None, 0
+        if out.node_features is not None and feature_dir is not None:
+            feature_part = write_feature_part(feature_dir, index, self.start, out.node_features,
+                                              self.storage_options)
+            feature_dim = int(out.node_features.shape[1])
+        scores = out.scores
         stats = {
             "feature_part": feature_part,
+            "feature_dim": feature_dim,
             "rows": int(len(targets)),
             "halo": int(len(cols) - len(targets)),
             "in_edges": int(sum(len(e[0]) for e in incoming)),
@@ -103,22 +91,6 @@ class PartitionActor:
 
     def _gather(self, cols: np.ndarray, actors: list, bounds: np.ndarray, index: int) -> np.ndarray:
         return gather_rows(self.x, self.start, cols, actors, bounds, index)
-
-
-def gather_rows(x: np.ndarray, start: int, cols: np.ndarray, actors: list,
-                    bounds: np.ndarray, index: int, method: str = "rows") -> np.ndarray:
-    """Rows of ``x`` (features, or any per-node array) for global ids ``cols``, in order:
-    partition ``index``'s own from ``x`` (its rows from ``start``), the halo's from their
-    owners' ``method`` (e.g. ``rows``)."""
-    owner = np.searchsorted(bounds, cols, side="right") - 1
-    out = np.empty((len(cols), *x.shape[1:]), dtype=x.dtype)
-    mine = owner == index
-    out[mine] = x[cols[mine] - start]
-    wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner[~mine])]
-    fetched = ray.get([getattr(actors[p], method).remote(cols[pos]) for p, pos in wanted])
-    for (_, pos), rows in zip(wanted, fetched, strict=True):
-        out[pos] = rows
-    return out
 
 
 def score_with_halo(method, info: FeatureInfo, manifest: KnnManifest,
@@ -185,15 +157,12 @@ class LinkActor:
         return feats, rows_ids, rows_sims
 
     def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
-             threshold: float, *score_parts):
+             context, *score_parts):
         """``(parent, edges, stats)`` of the owned nodes, as the link tasks return.
 
         The neighbourhood is fetched once, or, for a method that reads only rows (TPDi)
         when those rows exceed the method's ``halo_bytes``, per request of its link step
         (one block of anchors at a time: memory bounded whatever the corpus size)."""
-        from ltc_ray.cluster.components import spanning_forest
-        from ltc_ray.cluster.gcn_ve import LinkHaloPartition
-
         delay_for_tests("link")
         scores = np.concatenate(score_parts)
         ids = self.knn_ids[self.knn_ids >= 0].astype(np.int64)
@@ -201,8 +170,7 @@ class LinkActor:
         del ids
         halo = int(len(needed) - (self.stop - self.start))
         row_bytes = self.knn_ids.shape[1] * (self.knn_ids.itemsize + 4)  # ids + p
-        lazy = self.x is None and not halo_fits(
-            halo, row_bytes, getattr(method.params, "halo_bytes", None))
+        lazy = self.x is None and not halo_fits(halo, row_bytes, method.shape.halo_bytes)
         if lazy:
             needed = None
             fetched = {"rows": 0, "requests": 0}
@@ -235,7 +203,7 @@ class LinkActor:
                 rows_of=lambda q: (rows_ids[lookup(np.asarray(q, dtype=np.int64))],
                                    rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
             )
-        result = method.link_halo(part, scores, threshold)
+        result = method.link_halo(part, scores, context)
         edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
         stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
                  "halo": fetched["rows"] if lazy else halo,
@@ -246,7 +214,7 @@ class LinkActor:
 
 def link_with_halo(method, info: FeatureInfo | None, manifest: KnnManifest,
                    ranges: list[tuple[int, int]], cpus: float, scores: list, forest: bool,
-                   threshold: float | None, storage_options: dict | None = None
+                   context, storage_options: dict | None = None
                    ) -> tuple[list, list, list, list]:
     """One :class:`LinkActor` per partition (without ``info``: rows only, no features);
     returns (parent refs, edge refs, stat refs, actors) — kill the actors once the stats
@@ -258,6 +226,6 @@ def link_with_halo(method, info: FeatureInfo | None, manifest: KnnManifest,
     bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
     method_ref = ray.put(method)
     triples = [a.link.options(num_returns=3).remote(method_ref, actors, bounds, i, forest,
-                                                    threshold, *scores)
+                                                    context, *scores)
                for i, a in enumerate(actors)]
     return [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples], actors

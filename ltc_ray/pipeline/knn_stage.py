@@ -10,12 +10,11 @@ import math
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import ray
 
 from ltc_ray.config import KnnConfig
-from ltc_ray.errors import InputError
+from ltc_ray.errors import FAISS_INSTALL, InputError, MissingDependency
 from ltc_ray.graph.knn_graph import (
     MANIFEST,
     KnnManifest,
@@ -33,14 +32,20 @@ from ltc_ray.io.knn_files import (
 from ltc_ray.knn.search import (
     TIE_MARGIN,
     build_index,
+    ivf_nlist,
     merge_topk,
     put_self_first,
     recall_at_k,
     rescore,
     search_block,
 )
-from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get
-from ltc_ray.pipeline.stages import delay_for_tests, uri_version
+from ltc_ray.pipeline.stages import uri_version
+from ltc_ray.runtime import delay_for_tests, peak_rss_bytes, ray_get
+
+try:  # faiss comes from the `cpu` or `gpu` extra (as in ltc_ray.knn.search)
+    import faiss
+except ImportError as exc:
+    raise MissingDependency.from_import_error("faiss", FAISS_INSTALL, exc) from exc
 
 log = logging.getLogger("ltc_ray")
 
@@ -206,18 +211,40 @@ def _merge_and_save(queries, start, k, n_rows, uri, storage_options, *partials) 
     return _finish_block(queries, start, ids, sims, k, n_rows, uri, storage_options)
 
 
-def _fingerprint(info: FeatureInfo, cfg: KnnConfig, seed: int) -> dict:
-    return {
-        "features": info.uri,
-        "version": info.version,
-        "n_rows": info.n_rows,
-        "dim": info.dim,
-        "k": cfg.k,
-        "index": cfg.index,
-        "nlist": cfg.nlist,
-        "nprobe": cfg.nprobe,
-        "seed": seed if cfg.index != "flat" else None,
-    }
+def knn_graph_keys(cfg: KnnConfig, seed: int, layout: KnnLayout | None = None) -> dict:
+    """What a kNN graph depends on besides its features: the one fingerprint of a graph.
+
+    An exact (flat) graph is the same for any layout (partial top-k lists merge exactly),
+    so its keys are k and the index only, and ``layout`` may be None. An IVF graph trains
+    one index per shard, so its neighbours depend on the shard count, on each shard's
+    list count as trained (:func:`ivf_nlist` of its rows, a list), on nprobe and the seed.
+    Every replica of a replicated database holds the whole base: one shard."""
+    keys: dict = {"k": cfg.k, "index": cfg.index}
+    if cfg.index == "flat":
+        return keys
+    if layout is None:
+        raise ValueError("an IVF graph's keys need the resolved layout (plan_knn_layout)")
+    ranges = layout.shard_ranges if layout.mode == "shard" else layout.shard_ranges[:1]
+    return {**keys, "shards": len(ranges),
+            "nlist": [ivf_nlist(stop - start, cfg.nlist) for start, stop in ranges],
+            "nprobe": cfg.nprobe, "seed": seed}
+
+
+def _resolve_layout(n_rows: int, dim: int, cfg: KnnConfig,
+                    resources: dict) -> tuple[KnnLayout, int | None]:
+    """The layout a build uses, and the GPU memory measured for it (None: not measured)."""
+    gpu_free = measure_gpu_free_bytes(resources) if cfg.gpu == "auto" else None
+    return plan_knn_layout(n_rows, dim, cfg, resources, gpu_free), gpu_free
+
+
+def knn_graph_keys_for(info: FeatureInfo, cfg: KnnConfig, resources: dict, seed: int) -> dict:
+    """:func:`knn_graph_keys` of the graph :func:`build_knn_graph` would build now, for a
+    stage key known before building. The layout is resolved only for IVF (flat keys are
+    layout-free), the same way as the build does (with ``knn.gpu=auto`` on a GPU cluster
+    that includes measuring a GPU's free memory)."""
+    layout = None if cfg.index == "flat" else _resolve_layout(
+        info.n_rows, info.dim, cfg, resources)[0]
+    return knn_graph_keys(cfg, seed, layout)
 
 
 def build_knn_graph(
@@ -230,11 +257,11 @@ def build_knn_graph(
     (``ltc_ray.pipeline.stages``), which also checks every block file.
     """
     so = info.storage_options
-    fingerprint = _fingerprint(info, cfg, seed)
     _drop_manifest(work_dir, so)  # never let an old manifest vouch for new blocks
 
-    gpu_free = measure_gpu_free_bytes(resources) if cfg.gpu == "auto" else None
-    layout = plan_knn_layout(info.n_rows, info.dim, cfg, resources, gpu_free)
+    layout, gpu_free = _resolve_layout(info.n_rows, info.dim, cfg, resources)
+    fingerprint = {"features": info.uri, "version": info.version, "n_rows": info.n_rows,
+                   "dim": info.dim, **knn_graph_keys(cfg, seed, layout)}
     log.info(
         "kNN: %s mode, %d actor(s) x %d thread(s)%s, index=%s, k=%d, block_rows=%d",
         layout.mode, layout.n_actors, layout.threads_per_actor,
@@ -389,4 +416,11 @@ def import_ltc_knn(
                       "block_digests": digests}
 
 
-__all__ = ["build_knn_graph", "import_ltc_knn", "measure_gpu_free_bytes", "plan_knn_layout"]
+__all__ = [
+    "build_knn_graph",
+    "import_ltc_knn",
+    "knn_graph_keys",
+    "knn_graph_keys_for",
+    "measure_gpu_free_bytes",
+    "plan_knn_layout",
+]

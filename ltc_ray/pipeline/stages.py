@@ -18,10 +18,6 @@ loading it raises :class:`WorkFileError` (exit 1, not the bad-input exit 2).
 Inputs are versioned by :func:`uri_version`: a content hash for small local files, so an
 in-place rewrite of the same size within one mtime tick is still seen, and the storage's
 own token for the others (size/mtime for large local files, the ETag on object stores).
-
-Also here: :func:`delay_for_tests`, a test-only hook that slows a stage's workers down so a
-test can kill a process in the middle of that stage. It is inert unless the
-``LTC_RAY_TEST_STAGE_DELAY`` environment variable names the stage.
 """
 
 from __future__ import annotations
@@ -46,13 +42,12 @@ from ltc_ray.errors import InputError, WorkFileError, brief
 from ltc_ray.graph.knn_graph import MANIFEST, KnnManifest
 from ltc_ray.io.features import FeatureInfo
 from ltc_ray.io.fs import is_local_fs, join_uri, url_to_fs, write_bytes_atomic
-from ltc_ray.pipeline.runtime import ray_get
+from ltc_ray.runtime import ray_get
 
 log = logging.getLogger("ltc_ray")
 
 STAGES_DIR = "stages"
 DONE = "_DONE"
-DELAY_ENV = "LTC_RAY_TEST_STAGE_DELAY"
 # inputs up to this size are versioned by a hash of their content, not by size/mtime
 SMALL_INPUT_BYTES = 2**20
 _HASH_CHUNK = 16 * 2**20
@@ -486,19 +481,3 @@ def _loaded(value: Any) -> bool:
 def slice_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of a stored (N,) result: one partition's share."""
     return np.ascontiguousarray(array[start:stop])
-
-
-def delay_for_tests(stage: str) -> None:
-    """TEST-ONLY hook: sleep when ``LTC_RAY_TEST_STAGE_DELAY`` names ``stage``.
-
-    The value is ``stage:seconds[,stage:seconds]`` (e.g. ``knn:2.0``); workers of that
-    stage sleep that long per unit of work, so a failure test can SIGKILL a worker or the
-    driver mid-stage on tiny data. Unset (the default) it does nothing.
-    """
-    spec = os.environ.get(DELAY_ENV)
-    if not spec:
-        return
-    for item in spec.split(","):
-        name, _, seconds = item.partition(":")
-        if name.strip() == stage:
-            time.sleep(float(seconds or 0))

@@ -1,8 +1,11 @@
 """Pick a method's link threshold on a labelled split (train only, never test labels).
 
-The kNN graph and the per-node scores are computed once; each candidate value
-re-runs only link + merge + evaluation on Ray. A coarse pass over the range is
-followed by a fine pass around the best coarse value.
+Each candidate value runs the method through the job's own stage executor
+(:class:`~ltc_ray.pipeline.executor.Run`), so tuning sees exactly what the job will do
+(second graphs, halo linkers and all); the stage store reuses every stage whose keys do
+not change with the threshold (the kNN graph, the scores, a second graph), so a trial
+re-runs only link + merge + evaluation. A coarse pass over the range is followed by a
+fine pass around the best coarse value.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import logging
 import numpy as np
 import yaml
 
-from ltc_ray.cluster import REGISTRY, get_method
+from ltc_ray.cluster import get_method
 from ltc_ray.config import Config, set_key, shown, validate
 from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import url_to_fs, write_bytes_atomic
-from ltc_ray.pipeline.cluster_stage import run_cluster_stage
-from ltc_ray.pipeline.job import JobSpec, evaluate_task, inputs_and_graph, read_labels_task
-from ltc_ray.pipeline.runtime import StageLog, ray_get
+from ltc_ray.metrics import metrics_table
+from ltc_ray.pipeline.job import JobSpec, evaluate_task, read_labels_task, start_run
+from ltc_ray.runtime import ray_get
 
 log = logging.getLogger("ltc_ray")
 COARSE_FACTOR = 5
@@ -112,37 +115,33 @@ def tune(
     storage_options: dict | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Grid-search ``config.method``'s tunable threshold; write the best config as YAML."""
+    """Grid-search ``config.method``'s tunable threshold (its shape's ``tunable``); write
+    the best config as YAML."""
     with storage_errors(output_config):
         check_output_config(output_config, overwrite, storage_options)
-    cls = REGISTRY.get(config.method)
-    get_method(config.method, config, storage_options)  # unknown method -> InputError
-    if cls.tunable is None:
-        trained = " (jobs/train.py tunes its threshold)" if cls.rescores_graph else ""
+    method = get_method(config.method, config, storage_options)  # unknown -> InputError
+    tunable = method.shape.tunable
+    if tunable is None:
+        trained = (" (its model carries the threshold jobs/train.py tuned)"
+                   if method.shape.uses_model else "")
         raise InputError("--method", f"'{config.method}' has no threshold to tune{trained}")
-    param, low, high, step = cls.tunable
+    param, low, high, step = tunable.param, tunable.low, tunable.high, tunable.step
     if grid is not None:
         low, high, step = grid
-    key = f"methods.{cls.name}.{param}"
+    key = f"methods.{method.name}.{param}"
     grid_values(config, key, (low, high, step))  # every value valid, before Ray starts
     spec = JobSpec(features=features, labels=labels, knn=knn, output=work_dir + "/unused",
                    config=config, work_dir=work_dir, num_cpus=num_cpus,
                    storage_options=storage_options)
-    info, resources, _, manifest = inputs_and_graph(spec)
-    labels_ref = read_labels_task.remote(labels, info.n_rows, storage_options)
-    cpus = float(resources.get("CPU", 1))
+    run = start_run(spec)
+    labels_ref = read_labels_task.remote(labels, run.info.n_rows, storage_options)
     results: dict[float, dict] = {}
-    scores = None
 
     def trial(value: float) -> dict:
-        nonlocal scores
         if value in results:
             return results[value]
         set_key(config, key, repr(float(value)))
-        method = get_method(config.method, config, storage_options)
-        refs = run_cluster_stage(method, manifest, config.cluster, cpus, storage_options,
-                                 StageLog(), scores=scores, info=info)
-        scores = refs.scores
+        refs = run.cluster(get_method(config.method, config, storage_options))
         results[value] = ray_get(evaluate_task.remote(labels_ref, refs.cluster_id))
         log.info("tune %s=%.4f: %s %.4f (%d clusters)", key, value, metric,
                  results[value][metric], results[value]["n_clusters"])
@@ -161,14 +160,12 @@ def tune(
     tuned = {
         "method": config.method,
         "knn": {"k": config.knn.k},
-        "methods": {cls.name: {param: float(best)}},
+        "methods": {method.name: {param: float(best)}},
     }
     header = (f"{TUNED_HEADER} on {features} (labels {labels}): "
               f"best {metric} = {results[best][metric]:.4f}\n")
     write_bytes_atomic(output_config, (header + yaml.safe_dump(tuned, sort_keys=False)).encode(),
                        storage_options)
-    from ltc_ray.cli import metrics_table
-
     table = metrics_table({f"{param}={v:g}": results[v] for v in sorted(results)})
     return {"param": param, "best_value": best, "best_score": results[best][metric],
             "results": {v: results[v] for v in sorted(results)}, "table": table}

@@ -1,4 +1,4 @@
-"""``hard-clusters``: Chen et al., "On Mitigating Hard Clusters for Face Clustering" (ECCV 2022).
+"""The hard-clusters algorithm (Chen et al., ECCV 2022) as array code.
 
 1. A transformer edge scorer (:mod:`ltc_ray.models.edge_scorer`) gives each kNN edge
    P(same identity) = p; d' = 1 - p, and every row is re-sorted by d'.
@@ -10,10 +10,9 @@
    TPDi(i, j) = 1 - sum over common neighbours c of Q_ic Q_jc, for every j in N(i).
 4. Each node links to its TPDi-nearest neighbour of higher density, kept when TPDi < tau.
 
-Everything here is array code; the pipeline (:mod:`ltc_ray.pipeline.rescore`) runs it on
-partition actors. Sums are taken in an order fixed by the global ids (incoming edges sorted
-by (target, source); a row's terms in its own order), so densities, distances and clusters
-are bit-identical whatever the partitioning.
+:mod:`.rescore` runs it on partition actors. Sums are taken in an order fixed by the
+global ids (incoming edges sorted by (target, source); a row's terms in its own order), so
+densities, distances and clusters are bit-identical whatever the partitioning.
 """
 
 from __future__ import annotations
@@ -22,26 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ltc_ray.cluster.base import (
-    ClusterMethod,
-    LinkResult,
-    PartitionInput,
-    first_true,
-    higher_ranked,
-    register,
-)
-from ltc_ray.errors import InputError
+from ltc_ray.cluster.base import LinkResult, first_true, halo_fits, higher_ranked
 
 # Fixed-point units of the diffusion's L1 change: an exact integer sum is the same whatever
 # the order partitions report in, so every partitioning stops after the same iteration.
 L1_UNITS = float(2**52)
 TPDI_BLOCK = 512  # anchors per TPDi block: a block gathers (B, k, k) neighbour rows
-
-
-def halo_fits(halo_rows: int, row_bytes: int, halo_bytes: int | None) -> bool:
-    """Whether an actor fetches its whole halo at once (``halo_bytes`` None: always);
-    otherwise it fetches per chunk of rows (edge actors) or per TPDi block (link actors)."""
-    return halo_bytes is None or halo_rows * row_bytes <= halo_bytes
 
 
 def halo_chunk_rows(n_rows: int, halo_rows: int, k: int, dim: int, halo_bytes: int,
@@ -212,94 +197,3 @@ def link_by_tpdi(node_ids: np.ndarray, knn_ids: np.ndarray, dist: np.ndarray,
     parent = np.where(linked, ids[rows, col], -1)
     keep = parent >= 0
     return LinkResult(parent=parent, src=node_ids[keep], dst=parent[keep])
-
-
-# ----------------------------------------------------------------------------- method
-@register
-class HardClusters(ClusterMethod):
-    """``--model DIR`` is an edge scorer written by ``jobs/train.py --method hard-clusters``;
-    tau defaults to the value recorded with the model (the paper's 0.7 unless tuned)."""
-
-    name = "hard-clusters"
-    params_key = "hard_clusters"
-    # tau is tuned by jobs/train.py on out-of-fold edge scores (an in-sample search with the
-    # final scorer, what jobs/tune.py would do, picks a tau that does not transfer)
-    tunable = None
-    rescores_graph = True  # the pipeline's rescore stage: edge scorer + NDDE density
-    needs_link_halo = True  # TPDi needs the neighbours' re-scored rows
-    link_features = False  # ... but not their features
-    score_params = ("model", "batch_size", "density", "density_k", "density_sigma",
-                    "damping", "eps", "max_iter")
-
-    def __init__(self, params, k: int):
-        super().__init__(params, k)
-        if not params.model:
-            raise InputError("--model", "hard-clusters needs a model trained by jobs/train.py "
-                                        "--method hard-clusters")
-        if params.density not in ("approximate", "iterative"):
-            raise InputError("config methods.hard_clusters.density",
-                             f"must be approximate or iterative, got {params.density!r}")
-        from ltc_ray.models.store import load_edge_scorer
-
-        model, meta = load_edge_scorer(params.model, expected_k=k,
-                                       storage_options=self.storage_options)
-        self.meta = meta
-        self.shape = model.shape
-        self.state = {key: v.detach().cpu() for key, v in model.state_dict().items()}
-        tuned = meta.get("thresholds", {})
-        self.tau = float(params.tau if params.tau is not None else tuned.get("tau", 0.7))
-        self._model = None
-
-    def check_inputs(self, dim: int, where: str) -> None:
-        if dim != self.shape.in_dim:
-            raise InputError(self.params.model, f"model was trained for dim "
-                             f"{self.shape.in_dim}, the features ({where}) have {dim}")
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_model"] = None
-        return state
-
-    def model(self):
-        if self._model is None:
-            from ltc_ray.models.edge_scorer import EdgeScorer
-
-            net = EdgeScorer(self.shape)
-            net.load_state_dict(self.state)
-            net.eval()
-            self._model = net
-        return self._model
-
-    # -- rescore stage (per partition, on actors)
-    def rescore(self, knn_ids: np.ndarray, feats_of) -> tuple[np.ndarray, np.ndarray]:
-        """The owned rows re-sorted by d': ``(ids, p)``."""
-        import torch
-
-        from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        prob = edge_probabilities(self.model(), knn_ids, feats_of, self.params.batch_size,
-                                  device)
-        return resort_rows(knn_ids, prob)
-
-    def transition_edges(self, node_ids: np.ndarray, knn_ids: np.ndarray,
-                         prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p = self.params
-        return transition_edges(node_ids, knn_ids, prob, p.density_k, p.density_sigma,
-                                self_loops=p.density == "approximate")
-
-    # -- link (per partition, TPDi over the one-hop halo of re-scored rows)
-    def link_halo(self, part, scores: np.ndarray, threshold=None) -> LinkResult:
-        node_ids = np.arange(part.start, part.stop, dtype=np.int64)
-        dist = tpdi(part.knn_ids, part.knn_sims, part.rows_of, self.params.tpdi_sigma)
-        return link_by_tpdi(node_ids, part.knn_ids, dist, scores, self.tau)
-
-    def link(self, part: PartitionInput, scores: np.ndarray) -> LinkResult:
-        """A whole graph in one piece (tests, training): the rows serve as their own halo."""
-        ids, sims = part.knn_ids, part.knn_sims
-
-        def rows_of(query):
-            return ids[query - part.start], sims[query - part.start]
-
-        dist = tpdi(ids, sims, rows_of, self.params.tpdi_sigma)
-        return link_by_tpdi(part.node_ids, ids, dist, scores, self.tau)

@@ -9,12 +9,18 @@ import json
 import time
 from collections.abc import Sequence
 
-from ltc_ray.cli import _Parser, cluster_main, metrics_table, train_main, tune_main
+from ltc_ray.cli.args import EXIT_OK, _Parser
+from ltc_ray.cli.cluster import cluster_main
+from ltc_ray.cli.train import train_main
+from ltc_ray.cli.tune import tune_main
+from ltc_ray.metrics.report import metrics_table
+from ltc_ray.synthetic import make_benchmark
 
 TUNED_METHODS = ("knn-cc", "density-peak")
 
 
 def demo_parser() -> argparse.ArgumentParser:
+    """``demo``'s flags."""
     p = _Parser(prog="demo", description=__doc__)
     p.add_argument("--scale", type=float, default=0.05,
                    help="fraction of MS1M (0.05 = ~29K train + ~29K test samples)")
@@ -29,8 +35,8 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def demo_main(argv: Sequence[str]) -> int:
-    from ltc_ray.pipeline.runtime import init_ray
-    from ltc_ray.synthetic import make_benchmark
+    """``demo``: every step in one process on one local Ray; prints the metrics table."""
+    from ltc_ray.runtime import init_ray  # loads Ray: not at the CLI's import (--help)
 
     args = demo_parser().parse_args(argv)
     make_benchmark(args.data_root, parts=(0, 1), scale=args.scale, seed=args.seed,
@@ -66,4 +72,4 @@ def demo_main(argv: Sequence[str]) -> int:
           "(first row's time)")
     print(metrics_table(results, seconds))
     print(f"\nParquet outputs: {args.runs}/part1_test-<method>/clusters/*.parquet")
-    return 0
+    return EXIT_OK

@@ -1,5 +1,6 @@
-"""The rescore stage of methods that re-weight the kNN graph before linking (hard-clusters):
-an edge model per partition, then a density that is a reduce over all partitions.
+"""hard-clusters' own re-scoring stage (its :class:`~ltc_ray.cluster.base.Shape` score
+"rescore"): an edge model per partition, then a density that is a reduce over all
+partitions.
 
 One :class:`EdgeActor` per partition owns rows ``[start, stop)``: their features and kNN
 rows. It fetches the features of its one-hop halo (neighbours owned elsewhere) from their
@@ -24,14 +25,25 @@ import logging
 import numpy as np
 import ray
 
-from ltc_ray.cluster.hard_clusters import L1_UNITS, IncomingEdges, halo_chunk_rows, l1_units
+from ltc_ray.cluster.hard_clusters.algorithm import (
+    L1_UNITS,
+    IncomingEdges,
+    halo_chunk_rows,
+    l1_units,
+)
 from ltc_ray.graph.knn_graph import KnnManifest, block_file, read_knn_rows, save_manifest
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.io.fs import join_uri
 from ltc_ray.io.knn_files import id_dtype_for, save_knn_block
-from ltc_ray.pipeline.halo import gather_rows
-from ltc_ray.pipeline.runtime import peak_rss_bytes, ray_get, set_torch_threads, wait_all
-from ltc_ray.pipeline.stages import delay_for_tests
+from ltc_ray.runtime import (
+    delay_for_tests,
+    gather_rows,
+    peak_rss_bytes,
+    ray_get,
+    set_torch_threads,
+    wait_all,
+    worker_device,
+)
 
 log = logging.getLogger("ltc_ray")
 
@@ -78,6 +90,7 @@ class EdgeActor:
         new_ids = np.empty_like(ids)
         prob = np.empty(ids.shape, dtype=np.float32)
         fetched = 0
+        device = worker_device()
         for lo in range(0, n, chunk):
             rows = ids[lo: lo + chunk]
             if chunk < n:
@@ -88,7 +101,8 @@ class EdgeActor:
             def feats_of(query: np.ndarray, feats=feats, needed=needed) -> np.ndarray:
                 return feats[np.searchsorted(needed, query)]
 
-            new_ids[lo: lo + chunk], prob[lo: lo + chunk] = method.rescore(rows, feats_of)
+            new_ids[lo: lo + chunk], prob[lo: lo + chunk] = method.rescore_rows(
+                rows, feats_of, device)
             del feats, feats_of  # before the next chunk's fetch
         save_knn_block(join_uri(out_dir, block_file(index)),
                        new_ids.astype(id_dtype_for(self.n_total)), prob, self.start, self.so)

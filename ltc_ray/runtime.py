@@ -1,9 +1,11 @@
-"""Starting or joining Ray, reading cluster resources, and stage bookkeeping."""
+"""Ray helpers every layer uses: starting or joining Ray, resources, waiting on tasks with
+progress, stage bookkeeping, halo fetches from actors, the worker's device."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import time
 import uuid
@@ -12,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
@@ -59,6 +62,15 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class WorkerTraceback(Exception):
+    """Where a Ray task failed, as its worker formatted it (the RayTaskError's text). It is
+    the ``__cause__`` of the exception :func:`ray_get` re-raises, so the log of a failed
+    job shows the worker's frames, not only the driver's ``ray.get``."""
+
+
 def unwrap_ray_error(exc: BaseException) -> BaseException:
     """The user's own exception inside a Ray task error (so an InputError raised in a
     worker reaches the CLI as a plain InputError with its one-line message)."""
@@ -69,11 +81,16 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
 
 
 def ray_get(refs: Any) -> Any:
-    """``ray.get`` that re-raises the user's own exception type."""
+    """``ray.get`` that re-raises the user's own exception type, chained to a
+    :class:`WorkerTraceback` holding the worker's traceback."""
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        raise unwrap_ray_error(exc) from None
+        cause = unwrap_ray_error(exc)
+        if cause is exc:
+            raise
+        text = _ANSI_COLOUR.sub("", str(exc)).strip()  # Ray colours the task's name
+        raise cause from WorkerTraceback(text)
 
 
 def wait_all(refs: list, desc: str, unit: str = "task", total_rows: int | None = None) -> list:
@@ -136,3 +153,44 @@ def set_torch_threads(threads: int) -> None:
     except ImportError:  # pragma: no cover - torch is a dependency of the model methods
         return
     torch.set_num_threads(max(1, int(threads)))
+
+
+def worker_device() -> str:
+    """The torch device of this Ray worker: "cuda" only when Ray assigned it a GPU (a
+    worker on a GPU machine that asked for none must not take one behind Ray's back)."""
+    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+
+
+DELAY_ENV = "LTC_RAY_TEST_STAGE_DELAY"
+
+
+def delay_for_tests(stage: str) -> None:
+    """TEST-ONLY hook: sleep when ``LTC_RAY_TEST_STAGE_DELAY`` names ``stage``.
+
+    The value is ``stage:seconds[,stage:seconds]`` (e.g. ``knn:2.0``); workers of that
+    stage sleep that long per unit of work, so a failure test can SIGKILL a worker or the
+    driver mid-stage on tiny data. Unset (the default) it does nothing.
+    """
+    spec = os.environ.get(DELAY_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, seconds = item.partition(":")
+        if name.strip() == stage:
+            time.sleep(float(seconds or 0))
+
+
+def gather_rows(x: np.ndarray, start: int, cols: np.ndarray, actors: list,
+                    bounds: np.ndarray, index: int, method: str = "rows") -> np.ndarray:
+    """Rows of ``x`` (features, or any per-node array) for global ids ``cols``, in order:
+    partition ``index``'s own from ``x`` (its rows from ``start``), the halo's from their
+    owners' ``method`` (e.g. ``rows``)."""
+    owner = np.searchsorted(bounds, cols, side="right") - 1
+    out = np.empty((len(cols), *x.shape[1:]), dtype=x.dtype)
+    mine = owner == index
+    out[mine] = x[cols[mine] - start]
+    wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner[~mine])]
+    fetched = ray.get([getattr(actors[p], method).remote(cols[pos]) for p, pos in wanted])
+    for (_, pos), rows in zip(wanted, fetched, strict=True):
+        out[pos] = rows
+    return out
