@@ -20,8 +20,6 @@ from ltc_ray.pipeline.executor import Run
 from ltc_ray.pipeline.knn_stage import build_knn_graph
 from ltc_ray.runtime import ray_get
 
-torch = pytest.importorskip("torch")
-
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):

@@ -451,13 +451,13 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
 def test_model_method_names_the_method_a_model_directory_is_for(tmp_path):
     from _models import tiny_gcn_v, tiny_gcn_ve, tiny_hard_clusters
 
+    from ltc_ray.cluster.model_dirs import method_of_model as model_method
     from ltc_ray.errors import InputError
-    from ltc_ray.models.store import model_method
 
     assert model_method(tiny_hard_clusters(tmp_path / "hc", 8, 5)) == "hard-clusters"
     assert model_method(tiny_gcn_v(tmp_path / "v", 8, 5)) == "gcn-v"
     assert model_method(tiny_gcn_ve(tmp_path / "ve", 8, 5, feature_k=7)) == "gcn-ve"
-    with pytest.raises(InputError, match="GCN-E alone"):
+    with pytest.raises(InputError, match="a gcn-e model alone cannot cluster; pass the gcn-ve"):
         model_method(str(tmp_path / "ve" / "gcn-e"))
     with pytest.raises(InputError, match="model directory not found"):
         model_method(str(tmp_path / "nope"))

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import require
 
 from ltc_ray.errors import InputError, WorkFileError
 from ltc_ray.io import (
@@ -631,8 +632,8 @@ def test_unknown_part_is_an_input_error():
 @pytest.fixture(scope="module")
 def s3_options():
     """storage_options for a local moto S3 server with one bucket, ``ltc``."""
-    server_mod = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
+    server_mod = require("moto.server")
+    s3fs = require("s3fs")
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

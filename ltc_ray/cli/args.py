@@ -120,9 +120,9 @@ def _config(args: argparse.Namespace) -> Config:
     validate(cfg)
     if model and not method and cfg.method == Config().method:
         # --model without --method (nor a method in --config/--set): the model's own method
-        from ltc_ray.models.store import model_method
+        from ltc_ray.cluster.model_dirs import method_of_model  # torch: not at CLI import
 
-        cfg.method = model_method(model, _storage_options(args.storage_options))
+        cfg.method = method_of_model(model, _storage_options(args.storage_options))
     return cfg
 
 

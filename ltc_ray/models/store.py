@@ -44,7 +44,7 @@ __all__ = [
     "load_edge_scorer",
     "load_gcn_e",
     "load_model",
-    "model_method",
+    "read_model_meta",
     "save_edge_scorer",
     "save_gcn_e",
     "save_model",
@@ -142,23 +142,12 @@ def load_edge_scorer(
     return model, meta
 
 
-def model_method(uri: str, storage_options: dict | None = None) -> str:
-    """The clustering method a model directory is for (``model.json``'s method; a
-    directory holding ``gcn-v/`` and ``gcn-e/`` is a gcn-ve model)."""
+def read_model_meta(uri: str, storage_options: dict | None = None) -> dict | None:
+    """``model.json`` of the model directory ``uri`` (validated), or None when it has none."""
     with storage_errors(uri):
-        if uri_exists(join_uri(uri, MODEL_JSON), storage_options):
-            method = _read_meta(join_uri(uri, MODEL_JSON), storage_options)["method"]
-            if method == METHOD_E:
-                raise InputError(uri, "a GCN-E alone cannot cluster; pass the gcn-ve directory "
-                                      "that holds gcn-v/ and gcn-e/")
-            return method
-        if all(uri_exists(join_uri(uri, sub, MODEL_JSON), storage_options)
-               for sub in (METHOD, METHOD_E)):
-            return "gcn-ve"
-        if not uri_exists(uri, storage_options):
-            raise InputError(uri, "model directory not found")
-    raise InputError(uri, f"not a model directory (no {MODEL_JSON}; train one with "
-                          f"jobs/train.py)")
+        if not uri_exists(join_uri(uri, MODEL_JSON), storage_options):
+            return None
+        return _read_meta(join_uri(uri, MODEL_JSON), storage_options)
 
 
 def _model_files() -> set[str]:

@@ -40,7 +40,7 @@ from ltc_ray.knn.search import (
     search_block,
 )
 from ltc_ray.pipeline.stages import uri_version
-from ltc_ray.runtime import delay_for_tests, peak_rss_bytes, ray_get
+from ltc_ray.runtime import delay_for_tests, peak_rss_bytes, ray_get, worker_device
 
 try:  # faiss comes from the `cpu` or `gpu` extra (as in ltc_ray.knn.search)
     import faiss
@@ -131,10 +131,9 @@ def measure_gpu_free_bytes(resources: dict) -> int | None:
 def _exact_or_ivf_index(xb: np.ndarray, cfg: KnnConfig, seed: int, want_gpu: bool):
     """(backend name, index) for this worker: ``knn.backend`` auto picks torch on a CUDA
     device (tensor-core candidates, certified exact) and faiss elsewhere; IVF is faiss's.
-    Every backend gives the same graph: candidates are re-scored in float64 afterwards."""
-    import torch
-
-    cuda = want_gpu and torch.cuda.is_available()
+    Every backend gives the same graph: candidates are re-scored in float64 afterwards.
+    The device is the one Ray assigned this actor (never a GPU it did not ask for)."""
+    cuda = want_gpu and worker_device() == "cuda"
     backend = cfg.backend
     if backend == "auto":
         backend = "torch" if cuda and cfg.index == "flat" else "faiss"
@@ -144,7 +143,7 @@ def _exact_or_ivf_index(xb: np.ndarray, cfg: KnnConfig, seed: int, want_gpu: boo
         precision = None if cfg.precision == "auto" else cfg.precision
         index = TorchFlatIndex(xb, "cuda" if cuda else "cpu", precision)
         return f"torch-{index.device.type}-{index.precision}", index
-    use_gpu = want_gpu and faiss.get_num_gpus() > 0
+    use_gpu = cuda and faiss.get_num_gpus() > 0
     if want_gpu and not use_gpu:
         log.warning("GPU requested but this faiss build has no GPU support; using CPU")
     index = build_index(xb, cfg.index, cfg.nlist, cfg.nprobe, seed, use_gpu)
