@@ -116,23 +116,26 @@ def _ray_start(cpus: int):
     return ray
 
 
-def _worker_baseline(ray) -> int:
-    """Peak RSS of a fresh Ray worker that imported what our actors import."""
+def _worker_baseline(ray, with_torch: bool = True) -> int:
+    """Peak RSS of a fresh Ray worker that imported what our actors import: a kNN actor
+    faiss and the kNN stage only (``with_torch`` False), a model actor torch as well."""
 
     @ray.remote(num_cpus=0)
     class Probe:
-        def rss(self) -> int:
+        def rss(self, with_torch: bool) -> int:
             import faiss  # noqa: F401
-            import torch  # noqa: F401
 
-            import ltc_ray.pipeline.halo  # noqa: F401
             import ltc_ray.pipeline.knn_stage  # noqa: F401
             from ltc_ray.runtime import peak_rss_bytes
 
+            if with_torch:
+                import torch  # noqa: F401
+
+                import ltc_ray.pipeline.halo  # noqa: F401
             return peak_rss_bytes()
 
     probe = Probe.remote()
-    rss = ray.get(probe.rss.remote())
+    rss = ray.get(probe.rss.remote(with_torch))
     ray.kill(probe)
     return rss
 
@@ -144,7 +147,8 @@ def _knn_ours(p: dict) -> dict:
     from ltc_ray.pipeline.knn_stage import build_knn_graph
 
     ray = _ray_start(p["cpus"])
-    worker_base = _worker_baseline(ray)
+    worker_base = _worker_baseline(ray)  # a model actor (GCN-V, edge scorer): torch too
+    knn_worker_base = _worker_baseline(ray, with_torch=False)  # a kNN actor loads no torch
     driver_base = _vm_hwm()  # imports + a started Ray, before any work
     info = inspect_features(p["features"])
     shutil.rmtree(p["work_dir"], ignore_errors=True)  # a complete graph would be reused
@@ -158,6 +162,7 @@ def _knn_ours(p: dict) -> dict:
         "worker_rss": stats["actor_peak_rss_bytes"],
         "task_rss": stats["worker_peak_rss_bytes"],
         "worker_baseline": worker_base,
+        "knn_worker_baseline": knn_worker_base,
         "driver_baseline": driver_base,
         "shards": stats["n_actors"],
         "rows_per_shard": -(-info.n_rows // stats["n_actors"]),
@@ -546,7 +551,7 @@ def memory_checks(entry: dict, n: int, dim: int, k: int, hidden: int, base: dict
         )
 
     if entry["name"] == "knn":
-        wb = d["worker_baseline"]
+        wb = d["knn_worker_baseline"]
         check(
             "knn_actor",
             knn_actor_memory(d["rows_per_shard"], dim, k, d["block_rows"], wb, n_rows=n),
@@ -633,7 +638,7 @@ def run_suite(
             ]
         )
     }
-    entries, checks, worker_bases, driver_bases = [], [], [], []
+    entries, checks, worker_bases, driver_bases, knn_bases = [], [], [], [], []
     for scale in suite["sizes"]:
         root = tmp / f"data-{scale}"
         info = make_benchmark(str(root), parts=(1,), scale=scale, seed=0, progress=False)
@@ -673,8 +678,10 @@ def run_suite(
             prep = run_child("knn", "ours", {**common, "index": graph_index})  # not timed
             worker_bases.append(prep["worker_baseline"])
             driver_bases.append(prep["driver_baseline"])
+            knn_bases.append(prep["knn_worker_baseline"])
             base["worker"] = int(_median(worker_bases))
             base["driver"] = int(_median(driver_bases))
+            base["knn_worker"] = int(_median(knn_bases))
             print(f"  graph for N={n:,} ({graph_index}, untimed): {prep['seconds']:.1f} s",
                   file=sys.stderr)
         for case in suite["cases"]:
@@ -702,9 +709,11 @@ def run_suite(
             if case == "knn":
                 worker_bases.append(entry["ours_detail"]["worker_baseline"])
                 driver_bases.append(entry["ours_detail"]["driver_baseline"])
+                knn_bases.append(entry["ours_detail"]["knn_worker_baseline"])
             if worker_bases:
                 base["worker"] = int(_median(worker_bases))
                 base["driver"] = int(_median(driver_bases))
+                base["knn_worker"] = int(_median(knn_bases))
             entry["memory_checks"] = memory_checks(entry, size, dim, k, hidden, base)
             checks += entry["memory_checks"]
             entries.append(entry)
@@ -813,6 +822,7 @@ def rates_record(result: dict) -> dict:
         "baseline_rss_bytes": {
             "driver": result["baseline_rss_bytes"]["driver"],
             "worker": result["baseline_rss_bytes"]["worker"],
+            "knn_worker": result["baseline_rss_bytes"]["knn_worker"],
         },
         "rates": rates,
         # not measured here (no GPU at hand): documented assumptions for GPU plans

@@ -49,9 +49,13 @@ def load_rates(path: str | os.PathLike | None = None) -> dict:
 
 
 def baselines(rates: dict) -> dict[str, int]:
-    """Measured import baselines: ``driver`` and ``worker`` (a Ray worker with faiss/torch)."""
+    """Measured import baselines: ``driver``, ``worker`` (a Ray worker with faiss and
+    torch: model actors) and ``knn_worker`` (a kNN actor: faiss, no torch; the worker's
+    when a rates file predates it)."""
     got = rates.get("baseline_rss_bytes") or {}
-    return {key: int(got.get(key, FALLBACK_BASELINE[key])) for key in FALLBACK_BASELINE}
+    out = {key: int(got.get(key, FALLBACK_BASELINE[key])) for key in FALLBACK_BASELINE}
+    out["knn_worker"] = int(got.get("knn_worker", out["worker"]))
+    return out
 
 
 def halo_rows(n: int, n_part: int, k: int) -> int:

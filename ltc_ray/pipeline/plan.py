@@ -191,7 +191,7 @@ def make_plan(
     mem = {
         "driver": driver_memory(n, base["driver"]),
         "knn_actor": knn_actor_memory(
-            n_shard, dim, k, knn.block_rows, base["worker"], knn.index, on_gpu, n
+            n_shard, dim, k, knn.block_rows, base["knn_worker"], knn.index, on_gpu, n
         ),
         **{name: stage.memory for name, stage in stages.items()},
         **({} if merged else {"merge": merge_memory(n, n, base["worker"])}),
