@@ -63,6 +63,11 @@ def test_model_directory_carries_its_thresholds(trained):
     assert meta["fingerprint"]["n_rows"] == len(
         (root / "labels" / "part0_train.meta").read_text().split()
     )
+    # the train job evaluates the saved model with the job's own stages (partition actors)
+    # on its split; the trainer's one-process figure at the same tau agrees with it
+    job, own = meta["job_train_metrics"], meta["train_metrics"]
+    assert job["pairwise_f"] == pytest.approx(own["pairwise_f"], abs=0.005)
+    assert abs(job["n_clusters"] - own["n_clusters"]) <= max(3, own["n_clusters"] // 100)
 
 
 def test_partitioned_inference_equals_whole_graph(trained, tmp_path):

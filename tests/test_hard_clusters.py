@@ -252,6 +252,10 @@ def test_training_writes_a_model_that_loads_and_carries_tau(hc_trained):
     assert fit["metrics"]["pairwise_f"] == pytest.approx(fit["tau_search"][best], abs=1e-5)
     assert len(meta["history"]) == 2 and meta["history"][1]["loss"] < meta["history"][0]["loss"]
     assert "pairwise_f" in meta["train_metrics"]  # its quality: test_training_beats_random_weights
+    # the train job evaluates the saved model with the job's own stages on its split: the
+    # trainer's whole-graph definition (same tau, same scorer) gives the same clusters
+    for key in ("pairwise_f", "bcubed_f", "nmi", "n_clusters"):
+        assert meta["job_train_metrics"][key] == meta["train_metrics"][key], key
     loaded, loaded_meta = load_edge_scorer(str(model), expected_dim=256, expected_k=20)
     assert loaded_meta["fingerprint"]["n_rows"] == meta["fingerprint"]["n_rows"]
     assert not loaded.training

@@ -76,6 +76,10 @@ def train_main(argv: Sequence[str]) -> int:
                  work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
                  storage_options=_storage_options(args.storage_options))
     print("\n".join(method_class(args.method).trainer.summary(meta, features)))
+    m = meta["job_train_metrics"]
+    print(f"the job's stages on the training split (in-sample): pairwise F "
+          f"{100 * m['pairwise_f']:.2f}, BCubed F {100 * m['bcubed_f']:.2f}, "
+          f"{m['n_clusters']} clusters")
     print(f"model: {args.output}")
     return EXIT_OK
 

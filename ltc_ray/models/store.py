@@ -44,6 +44,7 @@ __all__ = [
     "load_edge_scorer",
     "load_gcn_e",
     "load_model",
+    "add_model_meta",
     "read_model_meta",
     "save_edge_scorer",
     "save_gcn_e",
@@ -200,6 +201,14 @@ def _write(
     torch.save(state, buf)
     write_bytes_atomic(join_uri(uri, WEIGHTS), buf.getvalue(), storage_options)
     write_bytes_atomic(join_uri(uri, MODEL_JSON), text, storage_options)
+
+
+def add_model_meta(uri: str, updates: dict, storage_options: dict | None = None) -> None:
+    """Add keys to the ``model.json`` of the model directory ``uri`` (e.g. the train job's
+    evaluation, known only once the model is saved); atomic, the weights untouched."""
+    record = {**_read_meta(join_uri(uri, MODEL_JSON), storage_options), **updates}
+    write_bytes_atomic(join_uri(uri, MODEL_JSON),
+                       json.dumps(record, indent=2, sort_keys=True).encode(), storage_options)
 
 
 def _read(uri: str, what: str, storage_options: dict | None) -> bytes:

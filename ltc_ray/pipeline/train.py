@@ -1,5 +1,6 @@
 """The training job: kNN on a labelled split, then the method's own trainer
-(``ClusterMethod.trainer``: e.g. :mod:`ltc_ray.cluster.gcn_v.train`) in Ray workers.
+(``ClusterMethod.trainer``: e.g. :mod:`ltc_ray.cluster.gcn_v.train`) in Ray workers, then
+the trained model evaluated on the split by the job's own stages (the executor).
 
 The workers (not the driver) hold the split's features and graph. Each trainer picks its
 linking thresholds on the same training split, so the model directory carries every
@@ -8,21 +9,39 @@ threshold it needs and test labels are never looked at.
 
 from __future__ import annotations
 
+import copy
 import logging
 
-from ltc_ray.cluster import REGISTRY, method_class
+from ltc_ray.cluster import REGISTRY, get_method, method_class
 from ltc_ray.cluster.training import TrainContext
 from ltc_ray.config import Config
 from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import join_uri, url_to_fs
 from ltc_ray.io.lock import sole_writer
 from ltc_ray.io.output import check_output_disjoint
-from ltc_ray.models.store import MODEL_JSON, WEIGHTS, check_model_location
-from ltc_ray.pipeline.job import JobSpec, start_run
+from ltc_ray.models.store import MODEL_JSON, WEIGHTS, add_model_meta, check_model_location
+from ltc_ray.pipeline.executor import Run
+from ltc_ray.pipeline.job import JobSpec, evaluate_task, read_labels_task, start_run
 from ltc_ray.pipeline.knn_stage import build_knn_graph
-from ltc_ray.runtime import new_run_id
+from ltc_ray.runtime import new_run_id, ray_get
 
 log = logging.getLogger("ltc_ray")
+
+
+def evaluate_model(run: Run, method: str, model: str, labels: str) -> dict:
+    """The trained model at ``model`` run by the job's own stages (the executor) on the
+    split ``run`` holds, scored against its labels: exactly what ``cluster`` would give
+    there (in-sample)."""
+    config = copy.deepcopy(run.config)
+    config.method = method
+    config.methods.of(method).model = model
+    refs = run.cluster(get_method(method, config, run.so))
+    labels_ref = read_labels_task.remote(labels, run.info.n_rows, run.so)
+    metrics = ray_get(evaluate_task.remote(labels_ref, refs.cluster_id))
+    log.info("%s run by the job's stages on its training split: pairwise F %.4f, BCubed F "
+             "%.4f, %d clusters", method, metrics["pairwise_f"], metrics["bcubed_f"],
+             metrics["n_clusters"])
+    return metrics
 
 
 def trainable_methods() -> list[str]:
@@ -75,8 +94,13 @@ def train(
                            work_dir=spec.resolved_work_dir, stages=run.stages,
                            build_graph=build_graph)
         meta = cls.trainer.train(ctx)
-        meta["stages"] = run.stages.to_dict()
         lock.ensure_held()
+        with run.stages.stage("evaluate", rows=run.info.n_rows):
+            meta["job_train_metrics"] = evaluate_model(run, method, output, labels)
+        for sub in cls.model_dirs:
+            add_model_meta(join_uri(output, sub) if sub else output,
+                           {"job_train_metrics": meta["job_train_metrics"]}, storage_options)
+        meta["stages"] = run.stages.to_dict()
         written = {f"{sub}{name}" for sub in cls.model_dirs for name in (WEIGHTS, MODEL_JSON)}
         for rel in sorted(set(old_files) - written):  # an earlier model's leftovers only
             _, path = url_to_fs(join_uri(output, rel), storage_options)
