@@ -32,6 +32,8 @@ def evaluate_model(run: Run, method: str, model: str, labels: str) -> dict:
     """The trained model at ``model`` run by the job's own stages (the executor) on the
     split ``run`` holds, scored against its labels: exactly what ``cluster`` would give
     there (in-sample)."""
+    fs, path = url_to_fs(model, run.so)
+    fs.invalidate_cache(path)  # workers wrote the model: the driver's listings are stale
     config = copy.deepcopy(run.config)
     config.method = method
     config.methods.of(method).model = model
@@ -97,7 +99,7 @@ def train(
         lock.ensure_held()
         with run.stages.stage("evaluate", rows=run.info.n_rows):
             meta["job_train_metrics"] = evaluate_model(run, method, output, labels)
-        for sub in cls.model_dirs:
+        for sub in cls.model_dirs:  # (listings refreshed by evaluate_model)
             add_model_meta(join_uri(output, sub) if sub else output,
                            {"job_train_metrics": meta["job_train_metrics"]}, storage_options)
         meta["stages"] = run.stages.to_dict()
