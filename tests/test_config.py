@@ -287,7 +287,8 @@ def test_every_numeric_flag_refuses_nan_and_infinities(flag):
 
 def test_model_and_method_flags_are_taken_verbatim():
     """--model is a path, not YAML: '#' (a YAML comment) and '~' (YAML null) stay in it."""
-    from ltc_ray.cli import _config, cluster_parser
+    from ltc_ray.cli import cluster_parser
+    from ltc_ray.cli.args import _config
 
     model = "/models/run #3/~v2"
     args = cluster_parser().parse_args(["--features", "x.bin", "--method", "gcn-v",

@@ -13,18 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ltc_ray.cli.args import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
-    EXIT_OK,
-    _add_input_args,
-    _add_run_args,
-    _config,
-    _Parser,
-    _resolve_inputs,
-    _resources,
-    _storage_options,
-)
+from ltc_ray.cli.args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from ltc_ray.cli.cluster import cluster_dry_run, cluster_main, cluster_parser
 from ltc_ray.cli.demo import demo_main, demo_parser
 from ltc_ray.cli.evaluate import evaluate_main, evaluate_parser
@@ -36,12 +25,10 @@ from ltc_ray.errors import InputError, MissingDependency, WorkFileError
 from ltc_ray.redact import RedactingFormatter, redact
 
 __all__ = [
-    "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "VERBS", "_Parser", "_add_input_args",
-    "_add_run_args", "_config", "_resolve_inputs", "_resources", "_storage_options",
-    "cluster_dry_run", "cluster_main", "cluster_parser", "demo_main", "demo_parser",
-    "evaluate_main", "evaluate_parser", "export_main", "export_parser", "main", "run_verb",
-    "synthetic_main", "synthetic_parser", "train_main", "train_parser", "tune_main",
-    "tune_parser",
+    "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "VERBS", "cluster_dry_run", "cluster_main",
+    "cluster_parser", "demo_main", "demo_parser", "evaluate_main", "evaluate_parser",
+    "export_main", "export_parser", "main", "run_verb", "synthetic_main", "synthetic_parser",
+    "train_main", "train_parser", "tune_main", "tune_parser",
 ]
 
 log = logging.getLogger("ltc_ray")

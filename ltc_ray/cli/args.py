@@ -28,16 +28,22 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(self.prog, message)
 
 
+def _json_object(flag: str, text: str, what: str = "a JSON object") -> dict:
+    """A flag's JSON value, which must be an object (InputError naming ``flag``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError(flag, "is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InputError(flag, f"must be {what}")
+    return value
+
+
 def _storage_options(text: str | None) -> dict | None:
     """``--storage-options`` parsed, its secrets registered for redaction."""
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise InputError("--storage-options", "is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise InputError("--storage-options", "must be a JSON object")
+    value = _json_object("--storage-options", text)
     register_storage_options(value)  # its secrets are masked in every message and log line
     return value
 
@@ -131,14 +137,10 @@ def _resources(text: str | None) -> dict | None:
     """``--resources``: a JSON object of non-negative counts, as floats."""
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise InputError("--resources", "is not valid JSON") from None
-    if not isinstance(value, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
-        for v in value.values()
-    ):
-        raise InputError("--resources", 'must be a JSON object of counts, e.g. {"CPU": 64}')
+    counts = 'a JSON object of counts, e.g. {"CPU": 64}'
+    value = _json_object("--resources", text, counts)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+               for v in value.values()):
+        raise InputError("--resources", f"must be {counts}")
     return {str(k): float(v) for k, v in value.items()}
 

@@ -388,7 +388,6 @@ class Run:
                 rec.extra.update(stats)
                 store.finish("knn_features", fp, keys,
                              artifacts=graph_artifacts(graph, block_digests))
-        # a later scored-graph run must not hang on this stage's fingerprint
         return graph, link_info, fp
 
     def _link(self, method: ClusterMethod, ranges: list[tuple[int, int]], scored: _Scored,
