@@ -24,8 +24,25 @@ import yaml
 
 from ltc_ray.cluster import REGISTRY
 from ltc_ray.errors import InputError, brief
-from ltc_ray.params import NEIGHBOURS, ROWS, SHARE, WORKERS, Range, field_choices, field_ranges
+from ltc_ray.params import (
+    AUTO,
+    COSINE,
+    NEIGHBOURS,
+    ROWS,
+    SHARE,
+    WORKERS,
+    Auto,
+    Range,
+    field_autos,
+    field_choices,
+    field_ranges,
+    param,
+)
 from ltc_ray.params import shown as shown  # re-exported: the loader's echo of user values
+
+# the attach step's cut: below knn-cc's (alpha 0.5 vs 0.72), as a singleton's best link is
+# usually weaker than links inside a cluster (fit: benchmarks/domain_shift.py)
+ATTACH_RULE = Auto(0.5, "far:0.5", "r1:0.5")
 
 
 @dataclass
@@ -79,11 +96,16 @@ class ClusterConfig:
     partition_rows: int = 262144
     merge: str = "auto"  # auto | local (one scipy pass over all edges) | forest
     merge_local_max_edges: int = 20_000_000  # auto: local below this many edges, else forest
+    # attach each singleton to the cluster of its most similar neighbour in a larger cluster
+    # when their cosine >= attach_threshold: on | off | auto (on for label-free methods, off
+    # for learned ones, whose thresholds were tuned without it)
+    attach_singletons: str = "auto"
+    attach_threshold: float | str = param(AUTO, valid=COSINE, auto=ATTACH_RULE)
 
 
 @dataclass
 class Config:
-    method: str = "density-peak"
+    method: str = "aro"  # best worst case over the domain-shift benchmark (README)
     seed: int = 0
     dim: int = 256  # feature dim of .bin inputs (npy/parquet carry their own)
     knn: KnnConfig = field(default_factory=KnnConfig)
@@ -101,6 +123,7 @@ _STATIC_CHOICES = {
     "knn.backend": ("auto", "faiss", "torch"),
     "knn.precision": ("auto", "fp32", "fp16", "bf16"),
     "cluster.merge": ("auto", "local", "forest"),
+    "cluster.attach_singletons": ("auto", "on", "off"),
 }
 
 MAX_CONFIG_BYTES = 256 * 1024  # a config file is a few kB; refuse anything near a MiB
@@ -128,6 +151,7 @@ _STATIC_RANGES: dict[str, Range] = {
     "cluster.partitions": Range(0, 1 << 16),
     "cluster.partition_rows": Range(1, 1 << 31),
     "cluster.merge_local_max_edges": Range(0, 1 << 40),
+    "cluster.attach_threshold": COSINE,
 }
 
 
@@ -157,6 +181,8 @@ class _MethodKeys(Mapping):
 
 
 RANGES: Mapping[str, Range] = _MethodKeys(_STATIC_RANGES, field_ranges)
+# keys that may be ``auto`` (derived from the data at run time), with their rules
+AUTOS: Mapping[str, Auto] = _MethodKeys({"cluster.attach_threshold": ATTACH_RULE}, field_autos)
 _CHOICES: Mapping[str, tuple[str, ...]] = _MethodKeys(_STATIC_CHOICES, field_choices)
 
 # Numeric command-line flags of the jobs (cli.py), checked the same way.
@@ -310,6 +336,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise InputError(where, f"must be a finite number, got {shown(value)}")
         return number
     if typ is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off/yes/no as a boolean
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise InputError(where, f"expected a string, got {shown(value)}")
         return str(value)
@@ -365,8 +393,31 @@ def _apply(obj: Any, tree: dict, where: str, prefix: str = "") -> None:
         path = f"{prefix}{key_text}"
         if dataclasses.is_dataclass(getattr(obj, f.name)):
             _apply(getattr(obj, f.name), value, where, path + ".")
+        elif "auto" in f.metadata and isinstance(value, str) and value.strip().lower() == AUTO:
+            setattr(obj, f.name, AUTO)  # derived from the data at run time
         else:
-            setattr(obj, f.name, _coerce(value, typ, f"{where} [{path}]"))
+            setattr(obj, f.name, _coerce(_without_str(value, typ, f, f"{where} [{path}]"),
+                                         _auto_value_type(typ) if "auto" in f.metadata
+                                         else typ, f"{where} [{path}]"))
+
+
+def _auto_value_type(typ: Any) -> Any:
+    """The type of an ``auto``-capable field's explicit values: its hint without ``str``
+    (``float | str`` -> float, ``float | str | None`` -> ``float | None``)."""
+    args = tuple(a for a in typing.get_args(typ) if a is not str)
+    if not args:
+        return typ
+    return args[0] if len(args) == 1 else args[0] | None
+
+
+def _without_str(value: Any, typ: Any, f: dataclasses.Field, where: str) -> Any:
+    """An ``auto``-capable field refuses any other word with a message that names
+    ``auto`` (the plain type check would only say "expected a number")."""
+    if "auto" not in f.metadata or not isinstance(value, str) or _float(value) is not None:
+        return value
+    if type(None) in typing.get_args(typ) and value.lower() in ("none", "null", "model"):
+        return value
+    raise InputError(where, f"expected a number or 'auto', got {shown(value)}")
 
 
 def set_key(cfg: Config, dotted: str, raw_value: str, where: str = "--set") -> None:
@@ -405,7 +456,7 @@ def validate(cfg: Config) -> Config:
             allowed = ", ".join(choices)
             raise InputError(f"config {dotted}", f"must be one of {allowed}, got {shown(value)}")
     for key, typ, value in numeric_fields(cfg):
-        if value is None:
+        if value is None or (value == AUTO and key in AUTOS):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 typ is int and not isinstance(value, int)):

@@ -96,17 +96,56 @@ ROWS = 1 << 24  # rows per batch/block: 16M rows of the smallest payload are GBs
 ROUNDS = 100_000  # iterations/rounds: more would run for days
 
 
+AUTO = "auto"  # a parameter value: derive it from the data (ltc_ray.graph.similarity_stats)
+
+
+@dataclass(frozen=True)
+class Auto:
+    """The label-free rule of an ``auto`` parameter: ``low + alpha * (high - low)``
+    between two anchors of the kNN similarity distribution, each ``"<statistic>:<q>"``
+    (a quantile of a statistic of :mod:`ltc_ray.graph.similarity_stats`). ``kind``:
+    "similarity" (the value itself), "distance" (``1 -`` it), "scale" (``alpha *
+    (high - low)``, a step on the similarity scale). ``clip``: the value's bounds."""
+
+    alpha: float
+    low: str = "far:0.5"
+    high: str = "r1:0.5"
+    kind: str = "similarity"
+    clip: tuple[float, float] = (-1.0, 1.0)
+
+    def describe(self) -> str:
+        if self.kind == "scale":
+            return f"{self.alpha:g} * ({self.high} - {self.low})"
+        core = f"{self.low} + {self.alpha:g} * ({self.high} - {self.low})"
+        return f"1 - ({core})" if self.kind == "distance" else core
+
+
 def param(default: Any = dataclasses.MISSING, *, valid: Range | None = None,
-          choices: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING
-          ) -> Any:
-    """A params dataclass field with its valid range (numbers) or choices (strings)."""
-    metadata = {}
+          choices: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING,
+          auto: Auto | None = None) -> Any:
+    """A params dataclass field with its valid range (numbers) or choices (strings);
+    ``auto``: the rule that derives the value when it is :data:`AUTO`."""
+    metadata: dict[str, Any] = {}
     if valid is not None:
         metadata["range"] = valid
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if auto is not None:
+        metadata["auto"] = auto
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata=metadata)
+
+
+def field_autos(cls: type) -> dict[str, Auto]:
+    """``{field: Auto}`` of the fields of a params dataclass that may be ``auto``."""
+    return {f.name: f.metadata["auto"] for f in dataclasses.fields(cls)
+            if "auto" in f.metadata}
+
+
+def auto_fields(params: Any) -> dict[str, Auto]:
+    """The fields of a params instance whose value is :data:`AUTO` now, with their rules."""
+    return {name: rule for name, rule in field_autos(type(params)).items()
+            if getattr(params, name) == AUTO}
 
 
 def field_ranges(cls: type) -> dict[str, Range]:

@@ -11,7 +11,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from ltc_ray.cluster import REGISTRY, get_method
-from ltc_ray.cluster.baselines import rank_order_distances
+from ltc_ray.cluster.aro import rank_order_distances
 from ltc_ray.cluster.whole_graph import (
     WholeGraphMethod,
     components,
@@ -20,16 +20,22 @@ from ltc_ray.cluster.whole_graph import (
     row_argmax,
 )
 from ltc_ray.config import Config, KnnConfig
+from ltc_ray.graph.similarity_stats import graph_stats
 from ltc_ray.knn import exact_knn
 
-BASELINES = ("infomap", "chinese-whispers", "knn-dbscan", "aro", "cdp", "hac", "kmeans")
+BASELINES = ("infomap", "chinese-whispers", "knn-dbscan", "cdp", "hac", "kmeans")
 
 
-def _method(name: str, k: int, seed: int = 0, **params):
+def _method(name: str, k: int, seed: int = 0, graph=None, **params):
+    """The method with ``params`` set; its remaining ``auto`` params derived on ``graph``
+    (ids, sims) when given, as the job derives them."""
     cfg = Config(method=name, knn=KnnConfig(k=k), seed=seed)
     for key, value in params.items():
         setattr(cfg.methods.of(name), key, value)
-    return get_method(name, cfg)
+    method = get_method(name, cfg)
+    if graph is not None:
+        method, _ = method.resolved(graph_stats(*graph))
+    return method
 
 
 def _same_partition(a, b):
@@ -78,7 +84,7 @@ def test_seed_does_not_change_separated_blobs(name):
     xn = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     def run(seed):
-        method = _method(name, 30, seed=seed)
+        method = _method(name, 30, seed=seed, graph=(ids, sims))
         # kmeans reads the features too
         return method.cluster_graph(ids, sims,
                                     xn if method.shape.whole_graph_features else None)
@@ -116,9 +122,9 @@ def test_hac_equals_sequential_average_linkage():
 def test_cdp_raises_the_threshold_only_for_oversized_components():
     x, labels = blobs(n_per=40, n_clusters=6, dim=32, spread=0.8, seed=2)
     ids, sims = _graph(x, 20)
-    loose = _method("cdp", 20, threshold=0.1, max_size=10_000).cluster_graph(ids, sims)
+    loose = _method("cdp", 20, threshold=0.1, max_size=10_000, step=0.05).cluster_graph(ids, sims)
     assert len(np.unique(loose)) < 6  # a low threshold chains blobs together...
-    capped = _method("cdp", 20, threshold=0.1, max_size=40).cluster_graph(ids, sims)
+    capped = _method("cdp", 20, threshold=0.1, max_size=40, step=0.05).cluster_graph(ids, sims)
     assert np.bincount(capped).max() <= 40  # ...which the raise cuts to size
     assert len(np.unique(capped)) >= 6
     # without oversized components CDP is thresholded connected components

@@ -92,8 +92,11 @@ def test_unknown_method_is_an_input_error():
 # Methods that link on halo actors need the full job flow (gcn-ve: GCN features and a second
 # graph; hard-clusters: the re-scored graph); tests/test_gcn_v.py and
 # tests/test_hard_clusters.py run them through it with the same invariance checks.
+# methods this module can run in-process: not a re-scoring stage, and a halo linker only
+# when it reads just the neighbours' rows (ARO), not node features (GCN-E)
 ROW_METHODS = sorted(name for name, cls in REGISTRY.items()
-                     if cls.shape.link != "halo" and cls.shape.score != "rescore")
+                     if cls.shape.score != "rescore"
+                     and (cls.shape.link != "halo" or not cls.shape.link_halo_features))
 
 
 def _save_tiny_model(path, in_dim: int, k: int) -> str:
@@ -120,10 +123,12 @@ def _config(name: str, k: int, dim: int, tmp_dir, **params) -> Config:
 
 def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **params):
     """Score, link and merge partition by partition in this process (no Ray)."""
-    from ltc_ray.cluster.base import HaloPartition
+    from ltc_ray.cluster.base import HaloPartition, LinkHaloPartition
     from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
+    from ltc_ray.graph.similarity_stats import graph_stats
 
     method = get_method(name, _config(name, knn_ids.shape[1], x.shape[1], tmp_dir, **params))
+    method, _ = method.resolved(graph_stats(knn_ids, knn_sims))  # ``auto`` params, as the job
     n = len(knn_ids)
     bounds = np.linspace(0, n, parts + 1).astype(int)
     inputs = [
@@ -147,7 +152,14 @@ def _run_in_process(name: str, x, knn_ids, knn_sims, parts: int, tmp_dir, **para
                                       x if method.shape.whole_graph_features else None)
         cid, _, _, parent = labels_to_clusters(labels, scores)
         return cid, parent, scores
-    links = [method.link(p, scores) for p in inputs]
+    if method.shape.link == "halo":  # rows-only link actors (ARO): the arrays are the halo
+        def rows_of(q):
+            return knn_ids[q], knn_sims[q]
+
+        links = [method.link_halo(LinkHaloPartition(p.start, p.stop, p.knn_ids, p.knn_sims,
+                                                    None, rows_of), scores) for p in inputs]
+    else:
+        links = [method.link(p, scores) for p in inputs]
     parent = np.concatenate([lk.parent for lk in links])
     cid, _, _ = merge_edges(n, [spanning_forest(lk.src, lk.dst) for lk in links])
     return cid, parent, scores

@@ -16,6 +16,7 @@ import pytest
 from ltc_ray.cluster import method_names
 from ltc_ray.cluster.baselines import CDPParams
 from ltc_ray.config import (
+    AUTOS,
     FLAG_RANGES,
     RANGES,
     Config,
@@ -103,7 +104,9 @@ def test_every_numeric_key_has_a_range_and_its_default_is_in_it():
     keys = [key for key, _, _ in NUMERIC]
     assert sorted(keys) == sorted(RANGES), "config.RANGES must list every int/float field"
     for key, _, default in NUMERIC:
-        if default is not None:
+        if default == "auto":  # derived at run time; the key must say how
+            assert key in AUTOS, key
+        elif default is not None:
             assert RANGES[key].problem(default) is None, key
 
 

@@ -62,6 +62,8 @@ def test_dry_run_on_a_real_file_plans_and_writes_nothing(part1, tmp_path, capsys
             "--output",
             str(out),
             "--dry-run",
+            "--method",
+            "density-peak",
             "--resources",
             '{"CPU": 4}',
             "--set",
@@ -75,7 +77,7 @@ def test_dry_run_on_a_real_file_plans_and_writes_nothing(part1, tmp_path, capsys
     assert f"N={n:,} rows x D=256" in text
     assert "mode=shard shards=3" in text and f"({math.ceil(n / 3):,} rows each" in text
     assert "partitions: 5 x" in text and "cluster: 4 CPU, 0 GPU" in text
-    # density-peak (the default): a task per partition to score and to link, then the merge
+    # density-peak: a task per partition to score and to link, then the merge
     for stage in ("driver", "knn_actor", "score_task", "link_task", "merge"):
         assert _gb(text, stage) > 0
     assert re.search(r"^\s*score \(rows\)\s+5 tasks\s", text, re.M)

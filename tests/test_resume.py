@@ -330,7 +330,8 @@ def test_knn_file_replaced_in_place_is_imported_again(ray_local, feats, tmp_path
 
     def run(name: str, work_dir: Path = work) -> dict:
         return _in_process(capsys, *_args(feats, "knn-cc", tmp_path / name, work_dir,
-                                          "--knn", str(knn)))  # fmt: skip
+                                          "--knn", str(knn),  # the cut these counts assume
+                                          "--set", "methods.knn-cc.threshold=0.7"))  # fmt: skip
 
     first = run("a")
     assert first["knn_source"] == "imported" and first["n_clusters"] == 20

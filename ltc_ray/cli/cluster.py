@@ -32,7 +32,8 @@ def cluster_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "<output>.work")
     p.add_argument("--output", help="output URI (default: runs/<input>-<method>)")
     p.add_argument("--method", help="clustering method (default: the --model's method, e.g. "
-                   "hard-clusters; without a model, the config's: density-peak)")
+                   "hard-clusters; without a model, the config's: aro, every parameter "
+                   "derived from the data)")
     p.add_argument("--model", help="model directory for learned methods (jobs/train.py output; "
                    "its method is used unless --method says otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace a completed output")

@@ -1,6 +1,7 @@
-"""The README's demo: synthetic MS1M-shaped data -> thresholds tuned, GCN-V and the
+"""The README's demo: synthetic MS1M-shaped data -> the default method with every
+parameter derived from the data (no labels, no config), thresholds tuned, GCN-V and the
 hard-clusters edge scorer trained on the TRAIN split -> cluster the TEST split with each
-method on a local Ray -> a metrics table."""
+method on a local Ray -> a metrics table and the derived values."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def demo_main(argv: Sequence[str]) -> int:
     """``demo``: every step in one process on one local Ray; prints the metrics table."""
+    from ltc_ray.config import Config  # the registry's methods load Ray
     from ltc_ray.runtime import init_ray  # loads Ray: not at the CLI's import (--help)
 
     args = demo_parser().parse_args(argv)
@@ -58,18 +60,26 @@ def demo_main(argv: Sequence[str]) -> int:
     train_main(["--method", "hard-clusters", "--part", "0", *common, "--output", hc_model,
                 "--overwrite", "--epochs", str(args.hc_epochs), "--work-dir", train_work])
     runs["hard-clusters"] = ["--model", hc_model]  # the model's method: hard-clusters
-    results, seconds = {}, {}
+    runs = {f"{Config().method} (auto)": [], **runs}  # no config, no labels used
+    results, seconds, derived = {}, {}, {}
     for method, flags in runs.items():
-        out = f"{args.runs}/part1_test-{method}"
+        out = f"{args.runs}/part1_test-{method.split()[0]}{'-auto' if not flags else ''}"
         t0 = time.perf_counter()
         cluster_main(["--part", "1", *common, *flags, "--output", out, "--overwrite",
                       "--work-dir", f"{args.runs}/part1_test.work"])
         seconds[method] = time.perf_counter() - t0
         with open(f"{out}/metrics.json") as fh:
             results[method] = json.load(fh)
+        with open(f"{out}/run.json") as fh:
+            derived[method] = json.load(fh).get("derived_parameters", {})
     print(f"\nDemo: synthetic part1_test at scale {args.scale}; thresholds tuned, GCN-V and the "
           "hard-clusters edge scorer trained on part0_train only; the kNN graph is built once "
           "(first row's time)")
     print(metrics_table(results, seconds))
+    print("\nValues derived from the test split's own kNN similarities (run.json "
+          "derived_parameters; README \"Your own embeddings\"):")
+    for method, values in derived.items():
+        for key, entry in values.items():
+            print(f"  {method}: {key} = {entry['value']}  ({entry['rule']})")
     print(f"\nParquet outputs: {args.runs}/part1_test-<method>/clusters/*.parquet")
     return EXIT_OK

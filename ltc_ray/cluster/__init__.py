@@ -5,6 +5,7 @@ Every built-in method is one module or subpackage here, registered by the import
 method")."""
 
 from ltc_ray.cluster import (  # noqa: F401  (register the methods)
+    aro,
     baselines,
     density_peak,
     gcn_v,

@@ -33,6 +33,7 @@ reads a model, once, before any work.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -41,6 +42,8 @@ import numpy as np
 
 from ltc_ray.errors import InputError
 from ltc_ray.graph.ranking import first_true, higher_ranked  # noqa: F401 (re-exported)
+from ltc_ray.graph.similarity_stats import SimilarityStats, derive
+from ltc_ray.params import Auto, auto_fields
 from ltc_ray.plan_model import PlanContext, PlanStage, shape_stages
 
 ScoreShape = Literal["rows", "halo", "rescore"]
@@ -210,6 +213,41 @@ class ClusterMethod:
 
     def check_inputs(self, dim: int, where: str) -> None:  # noqa: B027 - optional hook
         """Refuse inputs the method cannot use (e.g. a model trained for another dim)."""
+
+    def with_params(self, **values: Any) -> ClusterMethod:
+        """A copy with some params replaced (an ``auto`` value once derived); a loaded
+        model is shared, not read again."""
+        new = copy.copy(self)
+        new.params = dataclasses.replace(self.params, **values)
+        return new
+
+    def derive_params(self, stats: SimilarityStats, fields: dict[str, Auto]
+                      ) -> dict[str, tuple[Any, dict]]:
+        """``{field: (value, basis)}`` for the ``auto`` params ``fields`` on a graph's
+        similarity ``stats``: each field's own rule (:func:`derive`); a method whose
+        rules depend on each other (ARO: the threshold on the list length) overrides."""
+        return {name: derive(rule, stats) for name, rule in fields.items()}
+
+    def resolved(self, stats: SimilarityStats) -> tuple[ClusterMethod, dict[str, dict]]:
+        """This method with every ``auto`` param derived on ``stats`` and, per derived
+        field, ``{"value", "rule", ...the anchors}`` (what run.json records)."""
+        rules = auto_fields(self.params)
+        if not rules:
+            return self, {}
+        values, record = {}, {}
+        for name, (value, basis) in self.derive_params(stats, rules).items():
+            values[name] = value
+            record[name] = {"value": value, **basis,
+                            "rule": basis.get("rule") or rules[name].describe()}
+        return self.with_params(**values), record
+
+    def training_graph(self) -> dict | None:
+        """The similarity summary of the graph a loaded model was trained on
+        (``graph_stats`` in its model.json), for the shift check; None: no model or an
+        older model without one."""
+        meta = getattr(self, "meta", None)
+        stats = meta.get("graph_stats") if isinstance(meta, dict) else None
+        return stats if isinstance(stats, dict) else None
 
     def model_uri(self) -> str | None:
         """The model directory the params name (shapes with ``uses_model``), else None."""

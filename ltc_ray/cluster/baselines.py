@@ -23,7 +23,7 @@ from ltc_ray.cluster.whole_graph import (
     symmetric_graph,
     whole_graph_shape,
 )
-from ltc_ray.params import COSINE, NEIGHBOURS, ROUNDS, ROWS, Range, param
+from ltc_ray.params import AUTO, COSINE, ROUNDS, ROWS, Auto, Range, param
 
 log = logging.getLogger("ltc_ray")
 
@@ -33,7 +33,9 @@ class InfomapParams:
     """Infomap on the kNN graph with edges of cosine >= threshold, weighted by cosine
     (two-level, undirected, seeded by ``seed``); one process, see cluster/whole_graph.py."""
 
-    threshold: float = param(0.59, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    threshold: float | str = param(AUTO, valid=COSINE,
+                                   auto=Auto(0.76, "far:0.5", "r1:0.5"))
     trials: int = param(2, valid=Range(1, 1000))  # Infomap trials (the best is kept)
 
 
@@ -42,7 +44,9 @@ class ChineseWhispersParams:
     """Chinese whispers on the kNN graph with edges of cosine >= threshold (cosine-weighted
     votes, a seeded random half of the nodes updated per round)."""
 
-    threshold: float = param(0.54, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    threshold: float | str = param(AUTO, valid=COSINE,
+                                   auto=Auto(0.75, "far:0.5", "r1:0.5"))
     # rounds at most (stops early when no label would change)
     iterations: int = param(20, valid=Range(1, ROUNDS))
 
@@ -52,19 +56,11 @@ class KnnDBSCANParams:
     """DBSCAN on the kNN cosine-distance graph: core = >= min_samples points (self included)
     within eps in the kNN row; border points join their nearest core; noise = singletons."""
 
-    # tuned on synthetic part0_train (jobs/tune.py), see README
-    eps: float = param(0.29, valid=Range(0.0, 2.0, low_open=True, what="a cosine distance"))
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    eps: float | str = param(AUTO, valid=Range(0.0, 2.0, low_open=True, what="a cosine distance"),
+                             auto=Auto(0.95, "far:0.5", "r2:0.5", kind="distance",
+                                       clip=(0.001, 2.0)))
     min_samples: int = param(4, valid=Range(1, 1 << 16))
-
-
-@dataclass
-class AROParams:
-    """Approximate rank-order (Otto et al.) over each node's top ``neighbors`` list; link
-    pairs with rank-order distance <= threshold, clusters = connected components."""
-
-    # tuned on synthetic part0_train (jobs/tune.py), see README
-    threshold: float = param(1.25, valid=Range(0.0, None, what="a rank-order distance"))
-    neighbors: int = param(20, valid=Range(1, NEIGHBOURS))  # list length m; cost O(N m^2)
 
 
 @dataclass
@@ -72,10 +68,13 @@ class CDPParams:
     """CDP-style linkage: components of edges with cosine >= threshold, re-cut with the
     threshold raised by ``step`` while larger than ``max_size``."""
 
-    threshold: float = param(0.68, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    threshold: float | str = param(AUTO, valid=COSINE, auto=Auto(0.91, "far:0.5", "r1:0.5"))
     max_size: int = param(300, valid=Range(1, 1 << 40))
-    step: float = param(0.05, valid=Range(1e-4, 2.0, why_low="a smaller step re-cuts the "
-                                                              "graph up to 2/step times"))
+    # auto: a tenth of the gap between the near and far anchors (0.05 at cosine scale 0.5)
+    step: float | str = param(AUTO, valid=Range(1e-4, 2.0, why_low="a smaller step re-cuts the "
+                                                                    "graph up to 2/step times"),
+                              auto=Auto(0.1, "far:0.5", "r1:0.5", kind="scale", clip=(1e-3, 2.0)))
 
 
 @dataclass
@@ -83,7 +82,9 @@ class HACParams:
     """Average-linkage HAC on the kNN graph (missing pairs = similarity 0), merging while
     the average cosine is >= threshold (distance 1 - threshold)."""
 
-    threshold: float = param(0.21, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    threshold: float | str = param(AUTO, valid=COSINE,
+                                   auto=Auto(0.5, "far:0.5", "r1:0.5"))
     max_rounds: int = param(1000, valid=Range(1, ROUNDS))  # reciprocal-pair merge rounds
 
 
@@ -92,7 +93,8 @@ class KMeansParams:
     """Spherical faiss k-means on the features; K and the starting centroids from the
     components of kNN edges with cosine >= threshold, unless n_clusters > 0."""
 
-    threshold: float = param(0.71, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: knn-cc's rule (the starting components are knn-cc's clusters)
+    threshold: float | str = param(AUTO, valid=COSINE, auto=Auto(0.91, "far:0.5", "r1:0.5"))
     # > 0: fixed K with seeded random init (nredo restarts)
     n_clusters: int = param(0, valid=Range(0, ROWS))
     niter: int = param(20, valid=Range(1, 10_000))
@@ -198,77 +200,6 @@ class KnnDBSCAN(WholeGraphMethod):
             np.concatenate([src[both], b_node[first]]),
             np.concatenate([dst[both], b_core[first]]),
         )
-
-
-def rank_order_distances(
-    knn_ids: np.ndarray, m: int, block_rows: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Approximate rank-order distance (Otto et al. 2017) of every pair (a, b) with b in
-    a's top-``m`` list (self at rank 0):
-
-    ``d(a, b) = #{i <= O_a(b) : f_a(i) not in top-m(b)}``,
-    ``D(a, b) = (d(a, b) + d(b, a)) / min(O_a(b), O_b(a))``, with ``O_b(a) = m`` when a
-    is not in b's list (then ``d(b, a)`` counts over b's whole list).
-
-    Membership tests use one sorted key array ``row * N + id`` (N*m int64), so the work
-    is O(N m^2 log(N m)) in blocks of ``block_rows`` rows (default: ~2M pair-entries),
-    with no Python loop per row.
-    Returns ``(src, dst, D)`` over the directed pairs.
-    """
-    n = len(knn_ids)
-    block_rows = block_rows or max(1, 2**21 // (m * m))  # ~100 MB of (B, m, m) temporaries
-    lists = knn_ids[:, :m].astype(np.int64)
-    keys = np.sort(np.where(lists >= 0, np.arange(n)[:, None] * n + lists, -1), axis=1).ravel()
-
-    def member(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        q = row * n + ids
-        pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
-        return (keys[pos] == q) & (ids >= 0)
-
-    out_src, out_dst, out_d = [], [], []
-    cols = np.arange(m)
-    for lo in range(0, n, block_rows):
-        hi = min(n, lo + block_rows)
-        a = np.arange(lo, hi, dtype=np.int64)
-        la = lists[lo:hi]  # (B, m)
-        b = la[:, 1:]  # (B, m-1) candidate partners at ranks 1..m-1
-        valid = (b >= 0) & (b != a[:, None])
-        b_safe = np.where(valid, b, 0)
-        # d(a, b): a's list up to b's rank, checked against b's list
-        not_in_b = ~member(b_safe[:, :, None], la[:, None, :])  # (B, m-1, m)
-        upto = cols[None, None, :] <= cols[None, 1:, None]  # i <= rank of b
-        d_ab = (not_in_b & upto).sum(axis=2)
-        # d(b, a): b's list up to a's rank in it (m - 1 when absent), checked against a's
-        lb = lists[b_safe]  # (B, m-1, m)
-        pos_a = lb == a[:, None, None]
-        o_ba = np.where(pos_a.any(axis=2), pos_a.argmax(axis=2), m)
-        not_in_a = ~member(a[:, None, None], lb)
-        d_ba = (not_in_a & (cols[None, None, :] <= np.minimum(o_ba, m - 1)[:, :, None])).sum(axis=2)
-        denom = np.maximum(np.minimum(cols[None, 1:], o_ba), 1)
-        dist = (d_ab + d_ba) / denom
-        r, c = np.nonzero(valid)
-        out_src.append(a[r])
-        out_dst.append(b[r, c])
-        out_d.append(dist[r, c].astype(np.float32))
-    return np.concatenate(out_src), np.concatenate(out_dst), np.concatenate(out_d)
-
-
-@register
-class ApproxRankOrder(WholeGraphMethod):
-    """Approximate rank-order clustering: connected components of the pairs (a, b), b in
-    a's top-``neighbors`` list, whose rank-order distance (``rank_order_distances``) is
-    <= ``threshold``."""
-
-    name = "aro"
-    Params = AROParams
-    shape = whole_graph_shape(Tunable("threshold", 0.0, 3.0, 0.05))
-
-    def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
-                      features: np.ndarray | None = None) -> np.ndarray:
-        m = max(2, min(self.params.neighbors, knn_ids.shape[1]))
-        src, dst, dist = rank_order_distances(knn_ids, m)
-        keep = dist <= self.params.threshold
-        return components(len(knn_ids), src[keep], dst[keep])
 
 
 @register

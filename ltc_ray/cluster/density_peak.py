@@ -18,7 +18,7 @@ from ltc_ray.cluster.base import (
     neighbor_density,
     register,
 )
-from ltc_ray.params import COSINE, NEIGHBOURS, Range, param
+from ltc_ray.params import AUTO, COSINE, NEIGHBOURS, Auto, Range, param
 
 
 def link_to_nearest_higher(
@@ -50,7 +50,8 @@ class DensityPeakParams:
     sim > tau."""
 
     neighbors: int = param(10, valid=Range(1, NEIGHBOURS))
-    tau: float = param(0.64, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    tau: float | str = param(AUTO, valid=COSINE, auto=Auto(0.86, "far:0.5", "r1:0.5"))
 
 
 @register

@@ -17,7 +17,7 @@ from ltc_ray.cluster.base import (
     neighbor_density,
     register,
 )
-from ltc_ray.params import COSINE, param
+from ltc_ray.params import AUTO, COSINE, Auto, param
 
 SCORE_NEIGHBORS = 10
 
@@ -26,7 +26,8 @@ SCORE_NEIGHBORS = 10
 class KnnCCParams:
     """Keep kNN edges with similarity >= threshold; clusters = connected components."""
 
-    threshold: float = param(0.70, valid=COSINE)  # tuned on synthetic part0_train, see README
+    # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
+    threshold: float | str = param(AUTO, valid=COSINE, auto=Auto(0.91, "far:0.5", "r1:0.5"))
 
 
 @register

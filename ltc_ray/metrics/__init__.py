@@ -4,7 +4,7 @@ Pure functions over (N,) integer label arrays; exact, O(N log N), no pairs
 materialised. ``evaluate`` returns the flat dict written to ``metrics.json``.
 """
 
-from ltc_ray.metrics.report import metrics_table
+from ltc_ray.metrics.report import metrics_table, size_distribution, size_line
 from ltc_ray.metrics.scores import (
     Contingency,
     bcubed_prf,
@@ -20,6 +20,8 @@ __all__ = [
     "contingency",
     "evaluate",
     "metrics_table",
+    "size_distribution",
+    "size_line",
     "nmi",
     "pairwise_prf",
 ]

@@ -17,10 +17,17 @@ import numpy as np
 import ray
 
 from ltc_ray.cluster.base import ClusterMethod, PartitionInput
-from ltc_ray.cluster.components import merge_edges, representatives, spanning_forest
+from ltc_ray.cluster.components import (
+    dense_cluster_ids,
+    merge_edges,
+    representatives,
+    spanning_forest,
+)
 from ltc_ray.cluster.whole_graph import labels_to_clusters
 from ltc_ray.config import ClusterConfig
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.graph.ranking import first_true
+from ltc_ray.graph.similarity_stats import rank_histograms
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
 from ltc_ray.pipeline.stages import slice_rows
@@ -42,6 +49,14 @@ def partition_ranges(n_rows: int, cfg: ClusterConfig, cpus: float) -> list[tuple
 def _load(manifest: KnnManifest, start: int, stop: int, so: dict | None) -> PartitionInput:
     knn_ids, knn_sims = read_knn_rows(manifest, start, stop, so)
     return PartitionInput(start=start, stop=stop, knn_ids=knn_ids, knn_sims=knn_sims)
+
+
+@ray.remote(max_retries=3)
+def histogram_partition(manifest: KnnManifest, start: int, stop: int, so: dict | None
+                        ) -> tuple[np.ndarray, int]:
+    """One partition's similarity histograms (summed by the executor) and peak RSS."""
+    knn_ids, knn_sims = read_knn_rows(manifest, start, stop, so)
+    return rank_histograms(knn_ids, knn_sims), peak_rss_bytes()
 
 
 @ray.remote(num_returns=2, max_retries=3)
@@ -235,3 +250,61 @@ def link_merge_stage(
         log.info("merge: %d clusters, largest %d", len(sizes), int(sizes[0]) if len(sizes) else 0)
     return ClusterRefs(ranges=ranges, scores=scores, parents=parents, cluster_id=cluster_id,
                        summary=summary, n_clusters=len(sizes))
+
+
+@ray.remote(max_retries=3)
+def _attach_targets(manifest: KnnManifest, start: int, stop: int, so: dict | None,
+                    cluster_id: np.ndarray, summary: tuple, threshold: float) -> np.ndarray:
+    """Per owned row: the neighbour a singleton attaches to (its most similar kNN
+    neighbour in a cluster of >= 2 with cosine >= ``threshold``), else -1."""
+    knn_ids, knn_sims = read_knn_rows(manifest, start, stop, so)
+    sizes = summary[0]
+    nbr = knn_ids[:, 1:].astype(np.int64)
+    safe = np.where(nbr >= 0, nbr, 0)
+    single = sizes[cluster_id[start:stop]] == 1
+    ok = (nbr >= 0) & (knn_sims[:, 1:] >= threshold) & (sizes[cluster_id[safe]] >= 2)
+    col, has = first_true(ok)
+    has &= single
+    return np.where(has, nbr[np.arange(len(nbr)), col], -1)
+
+
+@ray.remote(num_returns=3, max_retries=3)
+def _apply_attach(cluster_id: np.ndarray, n_parts: int, *refs):
+    """New dense ids and summary once every attaching singleton joined its target's
+    cluster (targets are never singletons, so one pass suffices: no chains)."""
+    targets = np.concatenate(refs[:n_parts])
+    scores = np.concatenate(refs[n_parts:])
+    moved = targets >= 0
+    joined = cluster_id.copy()
+    joined[moved] = cluster_id[targets[moved]]
+    new_id, sizes, _ = dense_cluster_ids(joined)
+    reps = representatives(new_id, scores, len(sizes))
+    return new_id, (sizes, reps), int(np.count_nonzero(moved))
+
+
+@ray.remote
+def _attach_parents(parent: np.ndarray, target: np.ndarray) -> np.ndarray:
+    return np.where(target >= 0, target, parent)
+
+
+def attach_singletons(refs: ClusterRefs, manifest: KnnManifest, threshold: float,
+                      so: dict | None, stage_log) -> ClusterRefs:
+    """The optional label-free step after the merge (issue 15): every singleton whose
+    most similar neighbour in a larger cluster is at cosine >= ``threshold`` joins that
+    cluster (its parent becomes that neighbour). Per partition, then one relabel task;
+    deterministic and independent of the partitioning."""
+    n = manifest.n_rows
+    with stage_log.stage("attach", rows=n) as rec:
+        targets = [_attach_targets.remote(manifest, lo, hi, so, refs.cluster_id, refs.summary,
+                                          threshold) for lo, hi in refs.ranges]
+        cluster_id, summary, moved = _apply_attach.remote(refs.cluster_id, len(targets),
+                                                          *targets, *refs.scores)
+        parents = [_attach_parents.remote(p, t)
+                   for p, t in zip(refs.parents, targets, strict=True)]
+        moved = ray_get(moved)
+        sizes, _ = ray_get(summary)
+        rec.extra.update(attached=moved, threshold=threshold, n_clusters=len(sizes))
+        log.info("attach: %d singletons joined a cluster at cosine >= %.3f; %d clusters",
+                 moved, threshold, len(sizes))
+    return ClusterRefs(ranges=refs.ranges, scores=refs.scores, parents=parents,
+                       cluster_id=cluster_id, summary=summary, n_clusters=len(sizes))

@@ -12,6 +12,9 @@ stage           what runs (by shape)
 ==============  ================================================================
 plan            every row, label and id checked, in parallel (before the kNN)
 knn             the sharded kNN graph (or an imported learn-to-cluster file)
+graph_stats     when a parameter is ``auto`` or a model was trained on another graph:
+                per-partition similarity histograms, summed (exact for any partition
+                count); the label-free rules derive the values from them
 score           "rows": a task per partition; "halo": partition actors with the
                 one-hop halo (node features written when the shape emits them);
                 "rescore": the method's own stage (writes a re-scored graph)
@@ -33,9 +36,10 @@ from dataclasses import dataclass, field
 import ray
 
 from ltc_ray.cluster.base import ClusterMethod, RescoreContext
-from ltc_ray.config import Config
+from ltc_ray.config import ATTACH_RULE, Config
 from ltc_ray.errors import storage_errors
 from ltc_ray.graph.knn_graph import KnnManifest, load_manifest
+from ltc_ray.graph.similarity_stats import SimilarityStats, combine, derive, shift_report
 from ltc_ray.io.features import (
     FeatureInfo,
     check_unique_ids,
@@ -46,8 +50,11 @@ from ltc_ray.io.features import (
 )
 from ltc_ray.io.fs import file_size, join_uri, uri_exists, url_to_fs
 from ltc_ray.io.labels import read_labels
+from ltc_ray.params import AUTO, auto_fields, field_autos
 from ltc_ray.pipeline.cluster_stage import (
     ClusterRefs,
+    attach_singletons,
+    histogram_partition,
     link_merge_stage,
     partition_ranges,
     score_stage,
@@ -183,6 +190,10 @@ class Run:
         self.store = StageStore(work_dir, self.so)
         self.resources: dict = {}
         self.graph: KnnManifest | None = None
+        self._similarity: SimilarityStats | None = None
+        # "<method>.<param>" -> the value derived for an ``auto`` parameter and its basis
+        self.derived: dict[str, dict] = {}
+        self.shift_warnings: list[str] = []  # a model run on a graph unlike its training one
 
     @classmethod
     def on_graph(cls, graph: KnnManifest, info: FeatureInfo, config: Config,
@@ -281,13 +292,87 @@ class Run:
                          artifacts=graph_artifacts(manifest, block_digests))
         return manifest
 
+    # ------------------------------------------------------------ label-free statistics
+    def similarity(self) -> SimilarityStats:
+        """The input graph's similarity histograms (:mod:`ltc_ray.graph.similarity_stats`),
+        one task per partition, summed; computed once per run (one read of the graph)."""
+        if self._similarity is not None:
+            return self._similarity
+        graph = self.graph
+        ranges = partition_ranges(graph.n_rows, self.config.cluster, self._cpus())
+        with self.stages.stage("graph_stats", rows=graph.n_rows) as rec:
+            parts = wait_all([histogram_partition.remote(graph, lo, hi, self.so)
+                              for lo, hi in ranges], "graph_stats", "partition")
+            self._similarity = combine(graph.k, [counts for counts, _ in parts])
+            rec.worker_peak_rss_bytes = max(rss for _, rss in parts)
+            rec.extra["partitions"] = len(ranges)
+            summary = self._similarity.summary()
+            rec.extra["similarity"] = summary
+        log.info("kNN similarities: median at rank 1 %.3f, at rank %d %.3f", summary["near"],
+                 summary["far_rank"], summary["far"])
+        if "warning" in summary:
+            log.warning("%s", summary["warning"])
+        return self._similarity
+
+    def similarity_summary(self) -> dict | None:
+        """The summary of :meth:`similarity` when this run computed it, else None."""
+        return None if self._similarity is None else self._similarity.summary()
+
+    def resolve(self, method: ClusterMethod) -> ClusterMethod:
+        """``method`` with every ``auto`` parameter replaced by the value its label-free
+        rule derives from this graph (logged; recorded in :attr:`derived` and run.json);
+        for a learned method, the shift check of its training graph against this one."""
+        trained = method.training_graph()
+        if trained is not None:
+            self.shift_warnings = [
+                f"{method.name}: {line}"
+                for line in shift_report(trained, self.similarity().summary())]
+            autos = sorted(field_autos(type(method.params)))
+            hint = (f"re-derive {', '.join(autos)} from this data with --set "
+                    f"methods.{method.name}.<param>=auto" if autos else
+                    "re-tune the model's threshold on labelled data like this "
+                    "(jobs/tune.py --model)")
+            for line in self.shift_warnings:
+                log.warning("the data looks unlike the model's training data: %s (its "
+                            "thresholds may not fit: %s)", line, hint)
+        if not auto_fields(method.params):
+            return method
+        method, record = method.resolved(self.similarity())
+        for field_name, entry in record.items():
+            key = f"{method.name}.{field_name}"
+            self.derived[key] = entry
+            log.info("auto %s = %s  (%s; %s)", key, entry["value"], entry["rule"], ", ".join(
+                f"{k} = {v}" for k, v in entry.items()
+                if k.endswith(("_value", "count", "above_cut", "cut"))))
+        return method
+
+    def attach_threshold(self, method: ClusterMethod) -> float | None:
+        """The singleton-attach step's cut for ``method`` (None: the step is off):
+        ``cluster.attach_singletons`` auto = on for label-free methods, off for learned
+        ones; an ``auto`` threshold is derived like a method's (recorded the same way)."""
+        cfg = self.config.cluster
+        on = cfg.attach_singletons == "on" or (
+            cfg.attach_singletons == "auto" and not method.shape.uses_model)
+        if not on:
+            return None
+        if cfg.attach_threshold != AUTO:
+            return float(cfg.attach_threshold)
+        value, basis = derive(ATTACH_RULE, self.similarity())
+        self.derived["cluster.attach_threshold"] = {"value": value, **basis,
+                                                    "rule": ATTACH_RULE.describe()}
+        log.info("auto cluster.attach_threshold = %.3f  (%s)", value, ATTACH_RULE.describe())
+        return value
+
     # ------------------------------------------------------------ the method's stages
     def cluster(self, method: ClusterMethod) -> ClusterRefs:
-        """Score, (second graph), link and merge ``method`` on the prepared graph. A work
-        file found damaged while a stage reads it is a WorkFileError that drops the marker
-        vouching for it (:meth:`StageStore.heals`), so the rerun computes it again."""
+        """Score, (second graph), link and merge ``method`` on the prepared graph (its
+        ``auto`` parameters derived first: :meth:`resolve`). A work file found damaged
+        while a stage reads it is a WorkFileError that drops the marker vouching for it
+        (:meth:`StageStore.heals`), so the rerun computes it again."""
         if self.graph is None:
             raise RuntimeError("Run.prepare() must run before Run.cluster()")
+        self.derived, self.shift_warnings = {}, []  # this call's, not an earlier trial's
+        method = self.resolve(method)
         with self.store.heals():
             model_uri = method.model_uri()
             model_digest = tree_digest(model_uri, self.so) if model_uri else None
@@ -394,7 +479,9 @@ class Run:
               graph: KnnManifest, link_info: FeatureInfo | None, upstream: str,
               model_digest: str | None) -> ClusterRefs:
         store, so, n = self.store, self.so, graph.n_rows
-        keys = {"upstream": upstream, **_method_inputs(method, None, model_digest)}
+        attach = self.attach_threshold(method)
+        keys = {"upstream": upstream, **_method_inputs(method, None, model_digest),
+                "attach_singletons": attach}
         fp, marker = store.lookup("link", keys)
         names = ("parents.npy", "cluster_id.npy", "sizes.npy", "representatives.npy")
         parents_uri, cid_uri, sizes_uri, reps_uri = (store.uri("link", name) for name in names)
@@ -419,6 +506,8 @@ class Run:
         refs = link_merge_stage(method, graph, ranges, scored.scores, self.config.cluster, so,
                                 self.stages, info=link_info, cpus=self._cpus(),
                                 features=self.info)
+        if attach is not None:  # on the input graph: the similarity scale the cut is on
+            refs = attach_singletons(refs, self.graph, attach, so, self.stages)
         parents_digest, cid_digest, (sizes_digest, reps_digest) = ray_get([
             save_concat.remote(parents_uri, so, *refs.parents),
             save_concat.remote(cid_uri, so, refs.cluster_id),

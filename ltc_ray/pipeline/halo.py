@@ -125,7 +125,8 @@ class LinkActor:
 
     def __init__(self, start: int, stop: int, info: FeatureInfo | None, manifest: KnnManifest,
                  threads: int = 1, storage_options: dict | None = None):
-        set_torch_threads(threads)
+        if info is not None:  # a model links on features; rows-only linkers (TPDi, ARO)
+            set_torch_threads(threads)  # are numpy: importing torch would cost seconds
         so = info.storage_options if info is not None else storage_options
         self.start, self.stop = start, stop
         self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)

@@ -44,7 +44,7 @@ from ltc_ray.io.output import (
     write_json,
     write_summary,
 )
-from ltc_ray.metrics import evaluate
+from ltc_ray.metrics import evaluate, size_distribution, size_line
 from ltc_ray.pipeline.executor import Inputs, Run, scan_small_inputs
 from ltc_ray.pipeline.stages import fingerprint
 from ltc_ray.runtime import StageLog, new_run_id, peak_rss_bytes, ray_get, wait_all
@@ -204,6 +204,8 @@ def _run_locked(spec: JobSpec, method: ClusterMethod, run: Run, run_id: str,
         part_rows[SUMMARY] = ray_get(summary_ref)
         rec.worker_peak_rss_bytes = max(rss for _, _, rss in written)
 
+    sizes = size_distribution(ray_get(refs.summary)[0])
+    log.info("%s", size_line(sizes))
     metrics = None
     if metrics_ref is not None:
         with stages.stage("metrics", rows=info.n_rows):
@@ -220,6 +222,11 @@ def _run_locked(spec: JobSpec, method: ClusterMethod, run: Run, run_id: str,
         "n_samples": info.n_rows,
         "dim": info.dim,
         "n_clusters": refs.n_clusters,
+        "cluster_sizes": sizes,
+        # ``auto`` parameters: the values derived from this graph and the statistics behind
+        "derived_parameters": run.derived,
+        "similarity": run.similarity_summary(),
+        "shift_warnings": run.shift_warnings,
         "config": cfg.to_dict(),
         "versions": _versions(),
         "stages": stages.to_dict(),

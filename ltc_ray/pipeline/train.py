@@ -99,9 +99,12 @@ def train(
         lock.ensure_held()
         with run.stages.stage("evaluate", rows=run.info.n_rows):
             meta["job_train_metrics"] = evaluate_model(run, method, output, labels)
+        # the training graph's similarity profile: a run on unlike data warns (issue 15)
+        meta["graph_stats"] = run.similarity().summary()
         for sub in cls.model_dirs:  # (listings refreshed by evaluate_model)
             add_model_meta(join_uri(output, sub) if sub else output,
-                           {"job_train_metrics": meta["job_train_metrics"]}, storage_options)
+                           {"job_train_metrics": meta["job_train_metrics"],
+                            "graph_stats": meta["graph_stats"]}, storage_options)
         meta["stages"] = run.stages.to_dict()
         written = {f"{sub}{name}" for sub in cls.model_dirs for name in (WEIGHTS, MODEL_JSON)}
         for rel in sorted(set(old_files) - written):  # an earlier model's leftovers only
