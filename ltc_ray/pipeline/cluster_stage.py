@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from ltc_ray.cluster.base import ClusterMethod, PartitionInput
+from ltc_ray.cluster.base import ClusterMethod, LinkHaloPartition, PartitionInput
 from ltc_ray.cluster.components import (
     dense_cluster_ids,
     merge_edges,
@@ -73,6 +73,40 @@ def _link_partition(method: ClusterMethod, manifest: KnnManifest, start: int, st
     delay_for_tests("link")
     scores = np.concatenate(score_parts)
     result = method.link(_load(manifest, start, stop, so), scores)
+    edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
+    stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
+             "peak_rss": peak_rss_bytes()}
+    return result.parent, edges, stats
+
+
+SMALL_GRAPH_BYTES = 64 * 2**20  # a rows-only halo linker reads a graph this small whole
+
+
+def _halo_in_tasks(method: ClusterMethod, manifest: KnnManifest) -> bool:
+    """A rows-only halo linker on the input graph (ARO) over a graph small enough to read
+    whole in each task: tasks reuse warm workers, where link actors start new processes
+    (seconds each; the same result either way)."""
+    shape = method.shape
+    row_bytes = manifest.k * 12  # int64 ids at most + float32 similarities
+    return (not shape.link_halo_features and shape.score != "rescore" and not shape.link_reduce
+            and manifest.n_rows * row_bytes <= SMALL_GRAPH_BYTES)
+
+
+@ray.remote(num_returns=3, max_retries=3)
+def _link_rows_halo(method: ClusterMethod, manifest: KnnManifest, start: int, stop: int,
+                    so: dict | None, forest: bool, *score_parts):
+    """The task of :func:`_halo_in_tasks`: the whole (small) graph is every row's halo."""
+    delay_for_tests("link")
+    scores = np.concatenate(score_parts)
+    knn_ids, knn_sims = read_knn_rows(manifest, 0, manifest.n_rows, so)
+
+    def rows_of(query):
+        q = np.asarray(query, dtype=np.int64)
+        return knn_ids[q], knn_sims[q]
+
+    part = LinkHaloPartition(start, stop, knn_ids[start:stop], knn_sims[start:stop],
+                             feats_of=None, rows_of=rows_of)
+    result = method.link_halo(part, scores, None)
     edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
     stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
              "peak_rss": peak_rss_bytes()}
@@ -214,7 +248,14 @@ def link_merge_stage(
     forest = merge_mode == "forest"
     with stage_log.stage("link", rows=n) as rec:
         actors = []
-        if shape.link == "halo":
+        if shape.link == "halo" and _halo_in_tasks(method, manifest):
+            method_ref = ray.put(method)
+            triples = [_link_rows_halo.remote(method_ref, manifest, lo, hi, so, forest, *scores)
+                       for lo, hi in ranges]
+            parents = [t[0] for t in triples]
+            edges = [t[1] for t in triples]
+            stat_refs = [t[2] for t in triples]
+        elif shape.link == "halo":
             context = None
             if shape.link_reduce:
                 context = ray_get(_link_context.remote(method, *scores))
