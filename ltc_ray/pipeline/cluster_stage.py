@@ -248,14 +248,7 @@ def link_merge_stage(
     forest = merge_mode == "forest"
     with stage_log.stage("link", rows=n) as rec:
         actors = []
-        if shape.link == "halo" and _halo_in_tasks(method, manifest):
-            method_ref = ray.put(method)
-            triples = [_link_rows_halo.remote(method_ref, manifest, lo, hi, so, forest, *scores)
-                       for lo, hi in ranges]
-            parents = [t[0] for t in triples]
-            edges = [t[1] for t in triples]
-            stat_refs = [t[2] for t in triples]
-        elif shape.link == "halo":
+        if shape.link == "halo" and not _halo_in_tasks(method, manifest):
             context = None
             if shape.link_reduce:
                 context = ray_get(_link_context.remote(method, *scores))
@@ -263,13 +256,12 @@ def link_merge_stage(
             parents, edges, stat_refs, actors = link_with_halo(
                 method, info if shape.link_halo_features else None, manifest,
                 ranges, cpus, scores, forest, context, so)
-        else:
+        else:  # a task per partition: its rows (or, small rows-only halo linkers, all rows)
+            task = _link_rows_halo if shape.link == "halo" else _link_partition
             method_ref = ray.put(method)
-            triples = [_link_partition.remote(method_ref, manifest, lo, hi, so, forest, *scores)
+            triples = [task.remote(method_ref, manifest, lo, hi, so, forest, *scores)
                        for lo, hi in ranges]
-            parents = [t[0] for t in triples]
-            edges = [t[1] for t in triples]
-            stat_refs = [t[2] for t in triples]
+            parents, edges, stat_refs = ([t[i] for t in triples] for i in range(3))
         stats = wait_all(stat_refs, f"link ({method.name})", "partition")
         for actor in actors:
             ray.kill(actor)
