@@ -28,8 +28,7 @@ from ltc_ray.cluster.base import (
     PartitionInput,
     Shape,
     Tunable,
-    first_true,
-    higher_ranked,
+    nearest_higher_kept,
     neighbor_density,
     register,
 )
@@ -208,7 +207,4 @@ class ApproxRankOrder(ClusterMethod):
             pair_keys = np.sort((src - part.start) * width + dst)
             pos = np.minimum(np.searchsorted(pair_keys, row_keys), len(pair_keys) - 1)
             kept = (pair_keys[pos] == row_keys) & (ids >= 0)
-        safe = np.where(ids >= 0, ids, 0)
-        outranks = higher_ranked(node_ids, scores[node_ids], ids, scores[safe]) & kept
-        col, has = first_true(outranks)
-        return np.where(has, ids[np.arange(len(ids)), col], -1)
+        return nearest_higher_kept(node_ids, ids, kept, scores)

@@ -317,3 +317,14 @@ def neighbor_density(knn_sims: np.ndarray, m: int) -> np.ndarray:
     """Mean similarity to the first ``m`` neighbours, self (rank 0) excluded: ``(n,) float32``."""
     m = min(m, knn_sims.shape[1] - 1)
     return knn_sims[:, 1 : m + 1].astype(np.float64).mean(axis=1).astype(np.float32)
+
+
+def nearest_higher_kept(node_ids: np.ndarray, ids: np.ndarray, kept: np.ndarray,
+                        scores: np.ndarray) -> np.ndarray:
+    """Per row, the first (most similar) neighbour among the ``kept`` cells ``(n, m)`` of
+    ``ids`` that outranks the row's node (score, then smaller id); -1 when none: the
+    ``parent`` of the edge-keeping methods (knn-cc, aro), a tree towards dense members."""
+    safe = np.where(ids >= 0, ids, 0)
+    outranks = higher_ranked(node_ids, scores[node_ids], ids, scores[safe]) & kept
+    col, has = first_true(outranks)
+    return np.where(has, ids[np.arange(len(ids)), col], -1)

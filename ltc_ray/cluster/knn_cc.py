@@ -12,8 +12,7 @@ from ltc_ray.cluster.base import (
     PartitionInput,
     Shape,
     Tunable,
-    first_true,
-    higher_ranked,
+    nearest_higher_kept,
     neighbor_density,
     register,
 )
@@ -52,9 +51,6 @@ class KnnCC(ClusterMethod):
         sims = part.knn_sims[:, 1:]
         node_ids = part.node_ids
         kept = (sims >= self.params.threshold) & (ids >= 0) & (ids != node_ids[:, None])
-        safe = np.where(ids >= 0, ids, 0)
-        outranks = higher_ranked(node_ids, scores[node_ids], ids, scores[safe]) & kept
-        col, has = first_true(outranks)
-        parent = np.where(has, ids[np.arange(len(ids)), col], -1)
+        parent = nearest_higher_kept(node_ids, ids, kept, scores)
         rows, cols = np.nonzero(kept)
         return LinkResult(parent=parent, src=node_ids[rows], dst=ids[rows, cols])
