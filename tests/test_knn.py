@@ -15,7 +15,13 @@ from ltc_ray.config import KnnConfig
 from ltc_ray.graph import read_knn_rows
 from ltc_ray.io.features import inspect_features
 from ltc_ray.knn import exact_knn, merge_topk, put_self_first, recall_at_k, search_block
-from ltc_ray.knn.search import TIE_MARGIN, build_index, rescore
+from ltc_ray.knn.search import (
+    TIE_MARGIN,
+    build_index,
+    exact_topk,
+    rescore,
+    score_error_bound,
+)
 from ltc_ray.pipeline.knn_stage import (
     build_knn_graph,
     knn_graph_keys,
@@ -74,17 +80,59 @@ def test_small_shard_pads_with_invalid_ids():
     assert (merged_ids[:, :5] >= 0).all() and (merged_ids[:, 5] == -1).all()
 
 
-def test_rescore_is_float64_exact():
+def test_rescore_depends_only_on_the_pair():
+    """A pair's re-scored similarity has the same bits in any block, shard offset or
+    column position, and lies within the float32 error bound of the float64 value."""
     rng = np.random.default_rng(2)
-    x = _unit(rng.standard_normal((100, 64)))
-    ids = rng.integers(0, 100, (10, 7))
+    x = _unit(rng.standard_normal((300, 64)))
+    ids = rng.integers(0, 300, (40, 9))
     ids[0, 0] = -1
-    got = rescore(x[:10], x, ids)
+    got = rescore(x[:40], x, ids)
     want = np.einsum(
-        "qd,qkd->qk", x[:10].astype(np.float64), x[np.maximum(ids, 0)].astype(np.float64)
+        "qd,qkd->qk", x[:40].astype(np.float64), x[np.maximum(ids, 0)].astype(np.float64)
     )
-    assert got[0, 0] == -np.inf
-    np.testing.assert_array_equal(got.ravel()[1:], want.astype(np.float32).ravel()[1:])
+    assert got[0, 0] == -np.inf and got.dtype == np.float32
+    assert np.abs(got.ravel()[1:] - want.ravel()[1:]).max() <= score_error_bound(64)
+    perm = rng.permutation(9)
+    np.testing.assert_array_equal(rescore(x[:40], x, ids[:, perm]), got[:, perm])
+    parts = [rescore(x[lo:min(lo + 7, 40)], x, ids[lo:lo + 7]) for lo in range(0, 40, 7)]
+    np.testing.assert_array_equal(np.concatenate(parts), got)
+    shard = ids >= 150  # the same pairs scored in a shard holding rows 150..299
+    in_shard = rescore(x[:40], x[150:], np.where(shard, ids - 150, 0))
+    np.testing.assert_array_equal(in_shard[shard], got[shard])
+    with pytest.raises(ValueError, match="outside"):
+        rescore(x[:1], x[:5], np.array([[0, 5]]))
+
+
+def _brute_topk(x: np.ndarray, k: int, lo: int = 0, hi: int | None = None):
+    """The definition: every row of x[lo:hi] re-scored, ordered by (sim desc, id asc)."""
+    hi = len(x) if hi is None else hi
+    cand = np.broadcast_to(np.arange(hi - lo), (len(x), hi - lo))
+    sims = rescore(x, x[lo:hi], cand)
+    return merge_topk([(cand + lo, sims)], k)
+
+
+def test_exact_topk_certifies_ties_and_equals_the_definition_for_any_sharding():
+    """Groups of identical rows larger than the candidate margin tie at rank k: the
+    certificate sends those rows to a wider search, and the result is the definition's
+    top k (lowest ids among equal similarities) whole or split into shards."""
+    rng = np.random.default_rng(8)
+    base = _unit(rng.standard_normal((30, 16)))
+    x = np.concatenate([np.repeat(base[:3], 12, axis=0), base[3:]])  # 3 groups of 12 copies
+    x = _unit(np.concatenate([x, _unit(rng.standard_normal((200, 16)))]))
+    x = x[rng.permutation(len(x))]
+    k = 6
+    want_ids, want_sims = _brute_topk(x, k)
+    ids, sims, widened = exact_topk(build_index(x), x, x, k)
+    assert widened >= 3 * 12  # every duplicate row tied beyond its first candidates
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(sims, want_sims)
+    for bounds in ([0, 100, len(x)], [0, 7, 60, 61, len(x)]):
+        parts = [exact_topk(build_index(x[a:b]), x, x[a:b], k, a)[:2]
+                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        got_ids, got_sims = merge_topk(parts, k)
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_array_equal(got_sims, want_sims)
 
 
 def test_put_self_first_moves_or_inserts_self():
@@ -173,10 +221,16 @@ def test_shard_count_does_not_change_the_graph(ray_local, knn_data, tmp_path):
     graphs = []
     for shards, mode in [(1, "replicate"), (3, "shard")]:
         cfg = KnnConfig(k=25, mode=mode, shards=shards, block_rows=700)
-        manifest, _ = build_knn_graph(info, cfg, str(tmp_path / f"knn{shards}"), {"CPU": 2.0})
+        manifest, stats = build_knn_graph(info, cfg, str(tmp_path / f"knn{shards}"), {"CPU": 2.0})
+        # a small replicated base is searched by tasks (even blocks, a multiple of the CPUs)
+        assert stats["mode"] == ("tasks" if mode == "replicate" else "shard")
+        if mode == "replicate":
+            sizes = np.diff(manifest.bounds)
+            assert manifest.n_blocks % 2 == 0 and sizes.max() - sizes.min() <= 1
+            assert sizes.max() <= 700 and stats["tasks"] == manifest.n_blocks
         graphs.append(read_knn_rows(manifest, 0, info.n_rows))
     np.testing.assert_array_equal(graphs[0][0], graphs[1][0])
-    np.testing.assert_array_equal(graphs[0][1], graphs[1][1])  # bitwise: float64 rescoring
+    np.testing.assert_array_equal(graphs[0][1], graphs[1][1])  # bitwise: per-pair scores
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])

@@ -23,7 +23,7 @@ from ltc_ray.cluster.base import REGISTRY, ClusterMethod, ScoreOutput, Shape, re
 from ltc_ray.cluster.gcn_v.plan import inference_actor_memory
 from ltc_ray.cluster.hard_clusters.plan import edge_actor_memory, link_actor_memory
 from ltc_ray.config import Config
-from ltc_ray.knn.search import RESCORE_CHUNK, TIE_MARGIN
+from ltc_ray.knn.search import TIE_MARGIN
 from ltc_ray.params import COSINE, param
 from ltc_ray.pipeline.plan import (
     baselines,
@@ -104,7 +104,8 @@ def test_dry_run_reads_the_running_clusters_resources(ray_local, part1, tmp_path
     assert code == 0
     cpus = ray_local.cluster_resources()["CPU"]
     assert f"cluster: {cpus:g} CPU" in text and f"N={n:,}" in text
-    assert "mode=replicate" in text  # 1.2 MB of features: one replica
+    # 1.2 MB of features: replicated, searched by one task per CPU (no actors)
+    assert f"mode=tasks shards={cpus:g} " in text and "1 thread(s)" in text
     assert not out.exists()
 
 
@@ -137,7 +138,6 @@ def test_hypothetical_100m_plan_matches_the_memory_model(capsys):
         + 2 * n_s * d * 4
         + b * d * 4
         + b * (k + TIE_MARGIN) * 64
-        + RESCORE_CHUNK * (k + TIE_MARGIN) * d * 12
         + 4096 * 1024 * 4
     )
     assert _gb(text, "knn_actor") == pytest.approx(expected / 1e9, abs=0.006)

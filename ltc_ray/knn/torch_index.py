@@ -8,8 +8,8 @@ vectors rounded to a format with unit roundoff u, |x̂·ŷ - x·y| <= 2u + u² (
 plus u (the fp16/bf16 output) plus d·2⁻²³ (fp32 accumulation); an unfetched row scores at
 most the last fetched low-precision score plus that bound. Rows whose fp32 k-th score does
 not clear it (dense near-ties) are searched again in fp32. The result equals an exact fp32
-search; the caller's float64 re-scoring (``ltc_ray.knn.search.rescore``) then fixes the
-final order exactly as for faiss. ``.search``/``.ntotal`` mirror faiss, so
+search; the caller's per-pair re-scoring and certificate (``ltc_ray.knn.search.exact_topk``)
+then fix the final order exactly as for faiss. ``.search``/``.ntotal`` mirror faiss, so
 :func:`ltc_ray.knn.search.search_block` takes either.
 """
 

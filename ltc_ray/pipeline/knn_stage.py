@@ -30,14 +30,13 @@ from ltc_ray.io.knn_files import (
     save_knn_block,
 )
 from ltc_ray.knn.search import (
-    TIE_MARGIN,
     build_index,
+    exact_topk,
     ivf_nlist,
     merge_topk,
     put_self_first,
     recall_at_k,
-    rescore,
-    search_block,
+    self_similarities,
 )
 from ltc_ray.pipeline.stages import uri_version
 from ltc_ray.runtime import delay_for_tests, peak_rss_bytes, ray_get, worker_device
@@ -131,7 +130,8 @@ def measure_gpu_free_bytes(resources: dict) -> int | None:
 def _exact_or_ivf_index(xb: np.ndarray, cfg: KnnConfig, seed: int, want_gpu: bool):
     """(backend name, index) for this worker: ``knn.backend`` auto picks torch on a CUDA
     device (tensor-core candidates, certified exact) and faiss elsewhere; IVF is faiss's.
-    Every backend gives the same graph: candidates are re-scored in float64 afterwards.
+    Every backend gives the same graph: candidates are re-scored per pair and certified
+    afterwards (:func:`ltc_ray.knn.search.exact_topk`).
     The device is the one Ray assigned this actor (never a GPU it did not ask for)."""
     cuda = want_gpu and worker_device() == "cuda"
     backend = cfg.backend
@@ -163,6 +163,10 @@ class KnnShardActor:
         self.xb = read_features(info, start, stop)
         self.backend, self.index = _exact_or_ivf_index(self.xb, cfg, seed, want_gpu)
         self.exact_index = None
+        self.widened = 0  # query rows that needed more candidates (near-ties at rank k)
+
+    def widened_rows(self) -> int:
+        return self.widened
 
     def backend_name(self) -> str:
         return self.backend
@@ -171,17 +175,19 @@ class KnnShardActor:
         return peak_rss_bytes()
 
     def search(self, queries: np.ndarray, k: int, exact: bool = False):
-        """Top-k of ``queries`` in this shard: global ids and float64-rescored sims."""
+        """Exact top-k of ``queries`` in this shard (IVF: of its candidates): global ids
+        and re-scored sims, ordered by (similarity desc, id asc)."""
         delay_for_tests("knn")
         index = self.index
         if exact and self.cfg.index != "flat":
             if self.exact_index is None:
                 self.exact_index = build_index(self.xb, "flat")
             index = self.exact_index
-        local_ids, _ = search_block(index, queries, k + TIE_MARGIN)
-        sims = rescore(queries, self.xb, local_ids)
-        ids = np.where(local_ids >= 0, local_ids + self.start, -1)
-        return merge_topk([(ids, sims)], k)
+        certify = exact or self.cfg.index == "flat"
+        ids, sims, widened = exact_topk(index, queries, self.xb, k, self.start, certify=certify)
+        if not exact:
+            self.widened += widened
+        return ids, sims
 
     def search_and_save(self, block: int, start: int, stop: int, k: int, uri: str) -> dict:
         """Replicate mode: read the query block, search, write its kNN block file."""
@@ -193,8 +199,7 @@ class KnnShardActor:
 
 def _finish_block(queries, start, ids, sims, k, n_rows, uri, storage_options) -> dict:
     rows = np.arange(start, start + len(queries), dtype=np.int64)
-    self_sims = np.einsum("nd,nd->n", queries.astype(np.float64), queries.astype(np.float64))
-    ids, sims = put_self_first(rows, ids, sims, self_sims)
+    ids, sims = put_self_first(rows, ids, sims, self_similarities(queries))
     digest = save_knn_block(uri, ids.astype(id_dtype_for(n_rows)), sims, start, storage_options)
     return {"rows": len(rows), "peak_rss": peak_rss_bytes(), "uri": uri, "digest": digest}
 
@@ -208,6 +213,99 @@ def _read_queries(info: FeatureInfo, start: int, stop: int) -> np.ndarray:
 def _merge_and_save(queries, start, k, n_rows, uri, storage_options, *partials) -> dict:
     ids, sims = merge_topk(partials, k)
     return _finish_block(queries, start, ids, sims, k, n_rows, uri, storage_options)
+
+
+# A replicated flat base up to this size is searched by plain tasks instead of actors:
+# pooled Ray workers that already imported ltc_ray (no actor process to start) keep the
+# base and its index between blocks, and several tasks with few threads each overlap one
+# block's re-scoring and writing with the other blocks' searches.
+TASK_BASE_BYTES = 1 << 30
+TASK_MEMORY_BYTES = 4 << 30  # all task workers' copies of the base together
+MIN_TASK_ROWS = 2048
+_WORKER_BASE: dict = {}  # (features, version, rows, dim) -> (rows, faiss index); one entry
+
+
+def _cached_base(info: FeatureInfo):
+    """This worker's copy of the whole base and its flat index, read once per input. The
+    rows handed out are a view of the index's own storage (one copy in memory)."""
+    key = (info.uri, info.version, info.n_rows, info.dim)
+    if key not in _WORKER_BASE:
+        _WORKER_BASE.clear()
+        index = build_index(read_features(info, 0, info.n_rows), "flat")
+        xb = faiss.rev_swig_ptr(index.get_xb(), info.n_rows * info.dim)
+        _WORKER_BASE[key] = (xb.reshape(info.n_rows, info.dim), index)
+    return _WORKER_BASE[key]
+
+
+@ray.remote(max_retries=3)
+def _search_block_task(info: FeatureInfo, start: int, stop: int, k: int, uri: str,
+                       threads: int) -> dict:
+    """Task path of a replicated flat base: search one query block, write its file."""
+    faiss.omp_set_num_threads(threads)
+    delay_for_tests("knn")
+    xb, index = _cached_base(info)
+    queries = xb[start:stop]
+    ids, sims, widened = exact_topk(index, queries, xb, k)
+    result = _finish_block(queries, start, ids, sims, k, info.n_rows, uri, info.storage_options)
+    return {**result, "widened": widened}
+
+
+def task_slots(layout: KnnLayout, cfg: KnnConfig, n_rows: int, dim: int) -> int:
+    """How many search tasks :func:`build_knn_graph` runs at once for a small replicated
+    flat base on CPUs (each holds the base: at most TASK_MEMORY_BYTES together, at most one
+    per CPU); 0 = search with actors."""
+    base = n_rows * dim * 4
+    if (layout.mode != "replicate" or cfg.index != "flat" or layout.gpus_per_actor
+            or cfg.backend == "torch" or base > TASK_BASE_BYTES):
+        return 0
+    cpus = max(1, int(layout.cpus_per_actor * layout.n_actors))
+    return max(1, min(cpus, TASK_MEMORY_BYTES // max(base, 1)))
+
+
+def _task_bounds(n_rows: int, block_rows: int, slots: int) -> list[int]:
+    """Even query blocks, none larger than ``block_rows``: a multiple of the task slots
+    (no CPU idle at the end) when there are at least as many blocks as slots, else one per
+    slot down to blocks of :data:`MIN_TASK_ROWS` (smaller ones search inefficiently)."""
+    n_blocks = -(-n_rows // block_rows)
+    if n_blocks >= slots:
+        n_blocks = -(-n_blocks // slots) * slots
+    else:
+        n_blocks = max(n_blocks, min(slots, n_rows // MIN_TASK_ROWS))
+    n_blocks = max(1, min(n_rows, n_blocks))
+    return [int(b) for b in np.linspace(0, n_rows, n_blocks + 1).round()]
+
+
+def _build_with_tasks(info: FeatureInfo, cfg: KnnConfig, work_dir: str, layout: KnnLayout,
+                      fingerprint: dict, slots: int) -> tuple[KnnManifest, dict]:
+    cpus = layout.cpus_per_actor * layout.n_actors
+    threads = max(1, int(cpus // slots))
+    bounds = _task_bounds(info.n_rows, cfg.block_rows, slots)
+    log.info("kNN: %d block(s) searched by %d task(s) at a time x %d thread(s), index=flat, "
+             "k=%d", len(bounds) - 1, slots, threads, cfg.k)
+    manifest = KnnManifest(directory=work_dir, n_rows=info.n_rows, k=cfg.k,
+                           block_rows=cfg.block_rows, source="computed", index=cfg.index,
+                           bounds=bounds)
+
+    def submit(b: int):
+        start, stop = manifest.block_range(b)
+        return _search_block_task.options(num_cpus=cpus / slots).remote(
+            info, start, stop, cfg.k, manifest.block_uri(b), threads)
+
+    t0 = time.perf_counter()
+    results = _run_bounded(submit, range(manifest.n_blocks), 2 * slots, "kNN blocks")
+    search_s = time.perf_counter() - t0
+    widened = sum(r["widened"] for r in results)
+    manifest.details = {"fingerprint": fingerprint, "mode": "tasks", "n_actors": 0}
+    digests = {r["uri"]: tuple(r["digest"]) for r in results}
+    digests[join_uri(work_dir, MANIFEST)] = save_manifest(manifest, info.storage_options)
+    peak = max(r["peak_rss"] for r in results)
+    return manifest, {
+        "mode": "tasks", "n_actors": 0, "tasks": len(results), "threads_per_actor": threads,
+        "gpus_per_actor": 0.0, "gpu_free_bytes": None, "backend": ["faiss-cpu"],
+        "search_seconds": round(search_s, 3), "actor_peak_rss_bytes": 0,
+        "worker_peak_rss_bytes": peak, "recall": None, "widened_rows": widened,
+        "block_digests": digests,
+    }
 
 
 def knn_graph_keys(cfg: KnnConfig, seed: int, layout: KnnLayout | None = None) -> dict:
@@ -261,6 +359,9 @@ def build_knn_graph(
     layout, gpu_free = _resolve_layout(info.n_rows, info.dim, cfg, resources)
     fingerprint = {"features": info.uri, "version": info.version, "n_rows": info.n_rows,
                    "dim": info.dim, **knn_graph_keys(cfg, seed, layout)}
+    slots = task_slots(layout, cfg, info.n_rows, info.dim)
+    if slots:
+        return _build_with_tasks(info, cfg, work_dir, layout, fingerprint, slots)
     log.info(
         "kNN: %s mode, %d actor(s) x %d thread(s)%s, index=%s, k=%d, block_rows=%d",
         layout.mode, layout.n_actors, layout.threads_per_actor,
@@ -300,6 +401,10 @@ def build_knn_graph(
         log.info("kNN: measured recall@%d = %.4f on %d queries", cfg.k, recall,
                  min(cfg.recall_sample, info.n_rows))
     actor_rss = ray_get([a.peak_rss.remote() for a in actors])
+    widened = sum(ray_get([a.widened_rows.remote() for a in actors]))
+    if widened:
+        log.info("kNN: %d query row(s) x shard had near-ties at rank %d and were searched "
+                 "with more candidates", widened, cfg.k)
     for a in actors:
         ray.kill(a)
     manifest.recall = recall
@@ -319,6 +424,7 @@ def build_knn_graph(
         "actor_peak_rss_bytes": max(actor_rss),
         "worker_peak_rss_bytes": max([r["peak_rss"] for r in results] + actor_rss),
         "recall": recall,
+        "widened_rows": widened,
         "block_digests": digests,
     }
     return manifest, stats

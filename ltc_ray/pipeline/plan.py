@@ -17,9 +17,9 @@ import math
 
 from ltc_ray.cluster import get_method
 from ltc_ray.config import Config, KnnConfig
-from ltc_ray.knn.search import RESCORE_CHUNK, TIE_MARGIN, default_nlist
+from ltc_ray.knn.search import TIE_MARGIN, default_nlist
 from ltc_ray.pipeline.cluster_stage import partition_ranges
-from ltc_ray.pipeline.knn_stage import plan_knn_layout
+from ltc_ray.pipeline.knn_stage import plan_knn_layout, task_slots
 from ltc_ray.plan_model import (
     DENSE_IDS_BYTES_PER_ROW,
     Estimate,
@@ -50,28 +50,26 @@ def knn_actor_memory(
     """Host RSS of one kNN shard actor holding ``n_shard`` of the job's ``n_rows`` rows
     (query blocks are min(block_rows, n_rows) rows whatever the shard size).
 
-    - shard: ``xb`` float32 N_s·D·4 (kept for the exact re-scoring);
+    - shard: ``xb`` float32 N_s·D·4 (kept for the per-pair re-scoring);
     - index: faiss' own copy, N_s·D·4 (+ 8 per id for IVF lists); 0 on a GPU (device memory);
     - read: ``read_features`` holds the raw rows and the normalised copy at once, so the
       peak while loading is 2·N_s·D·4 (the index does not exist yet: max, not sum);
     - block: one query block B·D·4 and, per candidate (B·(k+m) of them), 64 bytes alive at
       once: faiss' int64 ids, the shifted global ids (8), the re-scored sims (4), then
       ``merge_topk``'s concatenation (12), sort keys (12), order (8) and outputs (12);
-    - rescore: a 512-row chunk of gathered candidates, float32 then float64:
-      512·(k+m)·D·(4+8); plus faiss' 16 MiB GEMM scratch.
+    - faiss' 16 MiB GEMM scratch (the per-pair re-scoring reads rows in place).
     """
     km = k + TIE_MARGIN
     shard = n_shard * dim * 4
     idx = 0 if on_gpu else n_shard * dim * 4 + (8 * n_shard if index == "ivf" else 0)
     b = min(block_rows, max(n_rows or n_shard, 1))
     block = b * dim * 4 + b * km * 64
-    rescore = RESCORE_CHUNK * km * dim * 12 + FAISS_GEMM_SCRATCH
     return Estimate(
         base,
         {
             "shard+index (max with read 2x)": max(shard + idx, 2 * shard),
             "query block": block,
-            "rescore chunk": rescore,
+            "faiss scratch": FAISS_GEMM_SCRATCH,
         },
     )
 
@@ -176,6 +174,7 @@ def make_plan(
             "exact kNN is quadratic"
         )
     layout = plan_knn_layout(n, dim, knn, resources)
+    slots = task_slots(layout, knn, n, dim)  # small flat base: search tasks, not actors
     n_shard = max(hi - lo for lo, hi in layout.shard_ranges)
     on_gpu = layout.gpus_per_actor > 0
     k = knn.k
@@ -227,10 +226,11 @@ def make_plan(
         "knn": {
             "index": knn.index,
             "k": k,
-            "mode": layout.mode,
-            "shards": layout.n_actors,
+            "mode": "tasks" if slots else layout.mode,
+            "shards": slots or layout.n_actors,
             "rows_per_shard": n_shard,
-            "threads_per_actor": layout.threads_per_actor,
+            "threads_per_actor": (max(1, cpus // slots) if slots
+                                  else layout.threads_per_actor),
             "gpus_per_actor": layout.gpus_per_actor,
             "nlist": (knn.nlist or default_nlist(n_shard)) if knn.index == "ivf" else None,
             "nprobe": knn.nprobe if knn.index == "ivf" else None,
