@@ -54,6 +54,12 @@ def test_forest_merge_equals_single_scipy_pass(seed):
     forest, forest_sizes, _ = merge_edges(n, forests)
     np.testing.assert_array_equal(local, forest)  # identical ids, not just the same partition
     np.testing.assert_array_equal(sizes, forest_sizes)
+    # the dense path over global ids (no sort; taken with n_nodes <= 4 x edges, as here)
+    # gives the same forest as the compacting one
+    assert n <= 4 * len(src)
+    for got, want in zip(spanning_forest(src, dst, n_nodes=n), spanning_forest(src, dst),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_spanning_forest_has_one_edge_per_non_root_node():

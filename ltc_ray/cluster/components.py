@@ -27,16 +27,30 @@ def _components(n_nodes: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def spanning_forest(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def spanning_forest(
+    src: np.ndarray, dst: np.ndarray, n_nodes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reduce edges ``(e,)`` over global node ids to a star forest with the same components.
 
     Returns ``(child, root)`` int64 arrays, one entry per non-root node touched by
-    an edge; ``root`` is the smallest node id of the child's local component.
+    an edge, in ascending child order; ``root`` is the smallest node id of the child's
+    local component. With ``n_nodes`` (the global node count) and at least
+    ``n_nodes / 2`` edge endpoints, components run over the global ids directly
+    (O(N + E), no sort); otherwise the touched nodes are compacted first (a sort of
+    the 2E endpoints, so a partition's memory stays O(its edges)).
     """
     src = np.asarray(src, dtype=np.int64)
     dst = np.asarray(dst, dtype=np.int64)
     if len(src) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
+    if n_nodes is not None and n_nodes <= 4 * len(src):
+        labels = _components(n_nodes, src, dst)
+        nodes = np.arange(n_nodes, dtype=np.int64)
+        root_of_label = np.full(int(labels.max()) + 1, n_nodes, dtype=np.int64)
+        np.minimum.at(root_of_label, labels, nodes)
+        roots = root_of_label[labels]
+        keep = roots != nodes  # untouched nodes are their own (singleton) roots
+        return nodes[keep], roots[keep]
     nodes, inverse = np.unique(np.concatenate([src, dst]), return_inverse=True)
     local = _components(len(nodes), inverse[: len(src)], inverse[len(src) :])
     # nodes are sorted, so the first occurrence of each label is its smallest node

@@ -73,7 +73,8 @@ def _link_partition(method: ClusterMethod, manifest: KnnManifest, start: int, st
     delay_for_tests("link")
     scores = np.concatenate(score_parts)
     result = method.link(_load(manifest, start, stop, so), scores)
-    edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
+    edges = (spanning_forest(result.src, result.dst, manifest.n_rows) if forest
+             else (result.src, result.dst))
     stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
              "peak_rss": peak_rss_bytes()}
     return result.parent, edges, stats
@@ -107,7 +108,8 @@ def _link_rows_halo(method: ClusterMethod, manifest: KnnManifest, start: int, st
     part = LinkHaloPartition(start, stop, knn_ids[start:stop], knn_sims[start:stop],
                              feats_of=None, rows_of=rows_of)
     result = method.link_halo(part, scores, None)
-    edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
+    edges = (spanning_forest(result.src, result.dst, manifest.n_rows) if forest
+             else (result.src, result.dst))
     stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
              "peak_rss": peak_rss_bytes()}
     return result.parent, edges, stats

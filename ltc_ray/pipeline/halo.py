@@ -128,7 +128,7 @@ class LinkActor:
         if info is not None:  # a model links on features; rows-only linkers (TPDi, ARO)
             set_torch_threads(threads)  # are numpy: importing torch would cost seconds
         so = info.storage_options if info is not None else storage_options
-        self.start, self.stop = start, stop
+        self.start, self.stop, self.n_rows = start, stop, manifest.n_rows
         self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
         # methods that only need the neighbours' rows (TPDi) link without features
         self.x = read_features(info, start, stop) if info is not None else None
@@ -205,7 +205,8 @@ class LinkActor:
                                    rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
             )
         result = method.link_halo(part, scores, context)
-        edges = spanning_forest(result.src, result.dst) if forest else (result.src, result.dst)
+        edges = (spanning_forest(result.src, result.dst, self.n_rows) if forest
+                 else (result.src, result.dst))
         stats = {"edges": int(len(result.src)), "forest_edges": int(len(edges[0])),
                  "halo": fetched["rows"] if lazy else halo,
                  "halo_requests": fetched["requests"] if lazy else 1,
