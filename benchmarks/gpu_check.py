@@ -8,17 +8,18 @@ sizes, mean 68 rows as in MS1M, per-identity and per-image noise; generated with
 the device in chunks):
 
 1. ``ltc_ray.knn.torch_index.TorchFlatIndex`` per size and precision (fp16, bf16): index
-   build time, self-kNN search time (all rows against all rows in query blocks of 16384,
-   k + 8 candidates as the pipeline asks for), rows/s, TFLOP/s counted as 2*N*N*d / search
-   time, % of the GPU's dense fp16 peak (a table by device name, else the measured 8192^3
-   fp16 matmul) and the share of queries whose certificate failed and were searched again
-   in fp32. Sizes above --full-search-max search the first --sample-queries rows (rows are
-   i.i.d.) against the whole base and extrapolate (``extrapolated: true``); so does any
+   build time, self-kNN search time (all rows against all rows in query blocks of 16384, k +
+   8 candidates by default; the pipeline asks k + 4), rows/s, TFLOP/s counted as 2*N*N*d /
+   search time, % of the GPU's dense fp16 peak (a table by device name, else the measured
+   8192^3 fp16 matmul) and the share of queries whose certificate failed and were searched
+   again in fp32. Sizes above --full-search-max search the first --sample-queries rows (rows
+   are i.i.d.) against the whole base and extrapolate (``extrapolated: true``); so does any
    search that reaches --search-cap-s.
 2. faiss-gpu ``IndexFlatIP`` on the first size (when faiss has GPUs): build, search, rows/s.
 3. Exactness: 256 query rows searched exactly on the CPU (numpy float64, top-k by similarity
-   desc then id asc) against the torch backend's candidates re-scored in float64 as the
-   pipeline does. Lists must be equal; lists that differ only among float64 similarities
+   desc then id asc) against the torch backend's candidates re-scored in float64 and ordered
+   the same way (the pipeline's own per-pair float32 re-scoring needs faiss, which a GPU
+   machine may lack). Lists must be equal; lists that differ only among float64 similarities
    within --tie-tol are counted as ties. Any other difference: exit 1.
 4. Model inference with random weights: GCN-V forward per 1M nodes (and the project's
    ``predict`` with host arrays, and the CPU scipy aggregation it runs on: k + 1 entries per
@@ -305,8 +306,8 @@ class Check:
 
     def compare(self, xb: np.ndarray, qidx: np.ndarray, ref: tuple[np.ndarray, np.ndarray],
                 sims: np.ndarray, ids: np.ndarray, n: int, precision: str) -> None:
-        """The backend's candidates re-scored in float64 and ordered (sim desc, id asc), as
-        the pipeline does, against the exact float64 top-k."""
+        """The backend's candidates re-scored in float64 and ordered (sim desc, id asc),
+        against the exact float64 top-k."""
         k, tol = self.args.k, self.args.tie_tol
         ref_ids, ref_sims = ref
         q = xb[qidx].astype(np.float64)
@@ -530,7 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--k", type=int, default=80)
     p.add_argument("--tie-margin", type=int, default=8,
-                   help="extra candidates searched, as the pipeline's TIE_MARGIN (default 8)")
+                   help="extra candidates searched (default 8; the pipeline's TIE_MARGIN is 4)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="cpu: smoke tests only, with tiny --sizes")
     p.add_argument("--precisions", default="fp16,bf16")

@@ -421,7 +421,7 @@ def test_resumed_run_reuses_rescore_and_relinks_on_new_tau(hc_trained, tmp_path)
 
 
 def test_train_then_cluster_as_subprocesses(tmp_path):
-    """``jobs/train.py --method hard-clusters`` then ``jobs/cluster.py`` on ~5K samples."""
+    """``jobs/train.py --method hard-clusters`` then ``jobs/cluster.py`` on ~2.3K samples."""
     import json
     import subprocess
     import sys
@@ -430,8 +430,8 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
 
     from ltc_ray.synthetic import make_benchmark
 
-    make_benchmark(str(tmp_path / "data"), parts=(0, 1), scale=0.008, seed=1, progress=False)
-    common = ["--data-root", str(tmp_path / "data"), "--num-cpus", "2", "--set", "knn.k=30"]
+    make_benchmark(str(tmp_path / "data"), parts=(0, 1), scale=0.004, seed=1, progress=False)
+    common = ["--data-root", str(tmp_path / "data"), "--num-cpus", "2", "--set", "knn.k=20"]
     train = subprocess.run(
         [sys.executable, "jobs/train.py", "--part", "0", *common,  # the default method
          "--epochs", "1", "--hidden", "64", "--output", str(tmp_path / "model")],
@@ -446,9 +446,10 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     # the wiring of the jobs, not the model's quality: a one-epoch scorer is no better than
-    # random weights here (measured pairwise F on part1 0.802 trained vs 0.825 random, on
-    # part0 0.844 vs 0.834); test_training_beats_random_weights compares the two
-    assert metrics["n_samples"] > 4000
+    # random weights at this size (measured at scale 0.008: pairwise F on part1 0.802
+    # trained vs 0.825 random, on part0 0.844 vs 0.834); test_training_beats_random_weights
+    # compares the two
+    assert metrics["n_samples"] > 2000
     assert record["method"] == "hard-clusters" and (tmp_path / "out" / "_SUCCESS").exists()
 
 

@@ -180,6 +180,20 @@ class LinkResult:
     dst: np.ndarray
 
 
+class lazy_module:  # noqa: N801 - used like a module attribute
+    """A class attribute naming a module that is imported on first access: a trainer
+    imports Ray and torch, and the CLI's input checks (every method's class is loaded for
+    the config) must stay fast."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj: object, owner: type) -> Any:
+        import importlib
+
+        return importlib.import_module(self.name)
+
+
 class ClusterMethod:
     """Base class of all methods; a subclass sets ``name``, ``Params`` and ``shape`` (or
     overrides :meth:`compile_shape` when the shape depends on params) and implements the
@@ -191,6 +205,7 @@ class ClusterMethod:
     # learned methods: the module ``jobs/train.py`` runs, with ``train_config(options: dict,
     # seed) -> config`` (the train flags, refused with InputError) and ``train(ctx:
     # cluster.training.TrainContext) -> meta`` (writes the model directory ctx.output)
+    # (a :class:`lazy_module`, so that checking inputs never imports Ray or torch)
     trainer: ClassVar[Any] = None
     # the sub-directories of a model directory holding weights + model.json ("" = itself)
     model_dirs: ClassVar[tuple[str, ...]] = ("",)

@@ -18,10 +18,10 @@ from ltc_ray.cluster.base import (
     ScoreOutput,
     Shape,
     Tunable,
+    lazy_module,
     register,
 )
 from ltc_ray.cluster.density_peak import link_to_nearest_higher
-from ltc_ray.cluster.gcn_v import train as trainer_module
 from ltc_ray.cluster.gcn_v.plan import inference_stage
 from ltc_ray.cluster.shipped import ShippedNet
 from ltc_ray.errors import InputError
@@ -91,7 +91,7 @@ class GCNV(ClusterMethod):
 
     name = "gcn-v"
     Params = GCNVParams
-    trainer = trainer_module
+    trainer = lazy_module("ltc_ray.cluster.gcn_v.train")
     # the model (its content hash is part of every fingerprint) and what the actors emit
     shape = Shape(score="halo", uses_model=True, tunable=TAU_TUNABLE,
                   score_params=("model", "batch_rows", "feature_pass"))

@@ -21,13 +21,12 @@ from ltc_ray.cluster.base import (
     ScoreOutput,
     Shape,
     Tunable,
+    lazy_module,
     register,
 )
 from ltc_ray.cluster.gcn_v import GCNVInference, pick
 from ltc_ray.cluster.gcn_v.plan import hidden_width, inference_stage
-from ltc_ray.cluster.gcn_ve import train as trainer_module
-from ltc_ray.cluster.gcn_ve.links import gcn_e_links
-from ltc_ray.cluster.gcn_ve.train import EDGE_K
+from ltc_ray.cluster.gcn_ve.links import EDGE_K, gcn_e_links
 from ltc_ray.cluster.shipped import ShippedNet
 from ltc_ray.errors import InputError
 from ltc_ray.io.fs import join_uri
@@ -61,7 +60,7 @@ class GCNVE(ClusterMethod):
 
     name = "gcn-ve"
     Params = GCNVEParams
-    trainer = trainer_module
+    trainer = lazy_module("ltc_ray.cluster.gcn_ve.train")
     model_dirs = ("gcn-v/", "gcn-e/")
     # link_k is the GCN-E model's own k, set when the model is loaded
     shape = Shape(score="halo", node_features=True, link="halo", link_graph="input",

@@ -8,6 +8,8 @@ import numpy as np
 
 from ltc_ray.cluster.base import LinkHaloPartition, LinkResult
 
+EDGE_K = 160  # GCN-E's candidate kNN size (learn-to-cluster's setting)
+
 
 def gcn_e_links(model, part: LinkHaloPartition, scores: np.ndarray, threshold: float,
                 tau: float, batch_size: int) -> LinkResult:

@@ -14,7 +14,7 @@ from ltc_ray.cluster.components import merge_edges
 from ltc_ray.cluster.gcn_v.train import summary as v_summary
 from ltc_ray.cluster.gcn_v.train import train_config as v_config
 from ltc_ray.cluster.gcn_v.train import train_gcn_v
-from ltc_ray.cluster.gcn_ve.links import gcn_e_links
+from ltc_ray.cluster.gcn_ve.links import EDGE_K, gcn_e_links
 from ltc_ray.cluster.training import TrainContext
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.io.fs import join_uri
@@ -23,7 +23,6 @@ from ltc_ray.metrics import evaluate
 from ltc_ray.runtime import peak_rss_bytes, ray_get
 
 log = logging.getLogger("ltc_ray")
-EDGE_K = 160  # GCN-E's candidate kNN size (learn-to-cluster's setting)
 CROSSFIT_FOLDS = 2  # identity folds for GCN-E's out-of-fold training data
 
 

@@ -20,9 +20,9 @@ from ltc_ray.cluster.base import (
     RescoreContext,
     RescoreOutput,
     Shape,
+    lazy_module,
     register,
 )
-from ltc_ray.cluster.hard_clusters import train as trainer_module
 from ltc_ray.cluster.hard_clusters.algorithm import (
     L1_UNITS,
     TPDI_BLOCK,
@@ -37,7 +37,6 @@ from ltc_ray.cluster.hard_clusters.algorithm import (
     transition_q,
 )
 from ltc_ray.cluster.hard_clusters.plan import plan_stages
-from ltc_ray.cluster.hard_clusters.rescore import rescore_and_density
 from ltc_ray.cluster.shipped import ShippedNet
 from ltc_ray.errors import InputError
 from ltc_ray.params import NEIGHBOURS, POSITIVE, ROUNDS, SIGMA, Range, param
@@ -99,7 +98,7 @@ class HardClusters(ClusterMethod):
 
     name = "hard-clusters"
     Params = HardClustersParams
-    trainer = trainer_module
+    trainer = lazy_module("ltc_ray.cluster.hard_clusters.train")
     shape = Shape(score="rescore", link="halo", uses_model=True,
                   score_params=("model", "batch_size", "density", "density_k",
                                 "density_sigma", "damping", "eps", "max_iter"))
@@ -136,6 +135,8 @@ class HardClusters(ClusterMethod):
 
     # -- the rescore stage (edge actors, :mod:`.rescore`)
     def rescore_graph(self, ctx: RescoreContext) -> RescoreOutput:
+        from ltc_ray.cluster.hard_clusters.rescore import rescore_and_density  # (Ray)
+
         scores, graph, stats = rescore_and_density(self, ctx.features, ctx.graph, ctx.ranges,
                                                    ctx.cpus, ctx.out_dir, ctx.gpus)
         return RescoreOutput(scores, graph, stats)
