@@ -304,6 +304,10 @@ def scaling_mode(args, root: Path, sizes: list[int], index: str) -> dict:
                         "runs_s": [r["wall_s"] for r in runs],
                         "stages_s": _median_dict([r["stages_s"] for r in runs]),
                         "knn_recall": runs[-1]["knn_recall"]})
+    for e in entries:  # the merge runs in link (star forests) above
+        # cluster.merge_local_max_edges and in merge below it: their sum is the merge's cost
+        if "link" in e["stages_s"] and "merge" in e["stages_s"]:
+            e["stages_s"]["link+merge"] = e["stages_s"]["link"] + e["stages_s"]["merge"]
     stages = [s for s in entries[0]["stages_s"] if all(s in e["stages_s"] for e in entries)]
     slopes = {}
     ns = [e["N"] for e in entries]

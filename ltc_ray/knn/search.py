@@ -66,6 +66,20 @@ def build_index(
     return index
 
 
+class FlatView:
+    """Exact inner-product search over rows it does not copy (``faiss.knn`` on the caller's
+    array), with the ``search``/``ntotal`` of a faiss index: an IVF shard measures its
+    recall against exact search without a second copy of its rows."""
+
+    def __init__(self, xb: np.ndarray):
+        self.xb = np.ascontiguousarray(xb, dtype=np.float32)
+        self.ntotal = len(self.xb)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return faiss.knn(q, self.xb, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
 def search_block(
     index: faiss.Index, queries: np.ndarray, k: int, id_offset: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from ltc_ray.io.knn_files import (
     save_knn_block,
 )
 from ltc_ray.knn.search import (
+    FlatView,
     build_index,
     exact_topk,
     ivf_nlist,
@@ -162,7 +163,6 @@ class KnnShardActor:
         self.cfg = cfg
         self.xb = read_features(info, start, stop)
         self.backend, self.index = _exact_or_ivf_index(self.xb, cfg, seed, want_gpu)
-        self.exact_index = None
         self.widened = 0  # query rows that needed more candidates (near-ties at rank k)
 
     def widened_rows(self) -> int:
@@ -180,9 +180,7 @@ class KnnShardActor:
         delay_for_tests("knn")
         index = self.index
         if exact and self.cfg.index != "flat":
-            if self.exact_index is None:
-                self.exact_index = build_index(self.xb, "flat")
-            index = self.exact_index
+            index = FlatView(self.xb)  # exact, without copying the shard's rows
         certify = exact or self.cfg.index == "flat"
         ids, sims, widened = exact_topk(index, queries, self.xb, k, self.start, certify=certify)
         if not exact:
