@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING
 
+from ltc_ray.cluster import REGISTRY
+from ltc_ray.config import Config, check_flag, check_method_name, load_config, validate
 from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import uri_exists
 from ltc_ray.io.layout import part_name, part_paths
 from ltc_ray.redact import register_storage_options
-
-if TYPE_CHECKING:
-    from ltc_ray.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -100,10 +98,6 @@ def _config(args: argparse.Namespace) -> Config:
     """The job's Config: defaults, --config, --set, then the flags that are config keys
     (--dim, --method, --model), validated. --method and --model are taken verbatim (not
     parsed as YAML: a model path holding '#' or '~' stays that path)."""
-    # imported here, as below: the config and the method registry load Ray, and --help and
-    # the argument checks run without it
-    from ltc_ray.config import Config, check_flag, check_method_name, load_config, validate
-
     overrides = list(args.set or [])
     for flag, value in (("--dim", args.dim), ("--num-cpus", getattr(args, "num_cpus", None))):
         if value is not None and value <= 0:
@@ -118,8 +112,6 @@ def _config(args: argparse.Namespace) -> Config:
     if method:
         cfg.method = method
     if model:  # whichever learned method runs reads its own key
-        from ltc_ray.cluster import REGISTRY
-
         for name, cls in REGISTRY.items():
             if cls.shape.uses_model:
                 cfg.methods.of(name).model = model

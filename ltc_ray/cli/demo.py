@@ -14,6 +14,7 @@ from ltc_ray.cli.args import EXIT_OK, _Parser
 from ltc_ray.cli.cluster import cluster_main
 from ltc_ray.cli.train import train_main
 from ltc_ray.cli.tune import tune_main
+from ltc_ray.config import Config
 from ltc_ray.metrics.report import metrics_table
 from ltc_ray.synthetic import make_benchmark
 
@@ -37,7 +38,6 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def demo_main(argv: Sequence[str]) -> int:
     """``demo``: every step in one process on one local Ray; prints the metrics table."""
-    from ltc_ray.config import Config  # the registry's methods load Ray
     from ltc_ray.runtime import init_ray  # loads Ray: not at the CLI's import (--help)
 
     args = demo_parser().parse_args(argv)

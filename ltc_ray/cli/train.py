@@ -15,13 +15,14 @@ from ltc_ray.cli.args import (
     _resolve_inputs,
     _storage_options,
 )
+from ltc_ray.cluster import method_class
+from ltc_ray.config import check_flag, float_flag, int_flag
 from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.fs import url_to_fs
 
 
 def train_parser() -> argparse.ArgumentParser:
     """``train``'s flags; the numeric ones are range-checked by ``ltc_ray.config``."""
-    from ltc_ray.config import float_flag, int_flag  # loads Ray: not at the CLI's import
 
     p = _Parser(
         prog="train",
@@ -53,7 +54,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Sequence[str]) -> int:
     """``train``: flags and inputs checked, then the method's trainer on Ray."""
-    from ltc_ray.config import check_flag
 
     args = train_parser().parse_args(argv)
     for flag in ("--epochs", "--edge-epochs", "--lr", "--rho", "--batch-rows", "--hidden",
@@ -67,7 +67,6 @@ def train_main(argv: Sequence[str]) -> int:
         fs, path = url_to_fs(args.output, _storage_options(args.storage_options))
         if fs.isfile(path):
             raise InputError(args.output, "model output path is a file; expected a directory")
-    from ltc_ray.cluster import method_class  # after the cheap checks
     from ltc_ray.pipeline.train import train
 
     options = {flag: getattr(args, flag) for flag in (
