@@ -4,26 +4,17 @@ tables and the rule fit agree with what the library's own runs and tune produced
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
-from conftest import REPO
+from conftest import load_benchmark
 
 from ltc_ray.cluster import method_class
 from ltc_ray.params import field_autos
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "domain_shift", REPO / "benchmarks" / "domain_shift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_run_reports_consistent_cells(ray_local, tmp_path, capsys):
-    bench = _bench()
+    bench = load_benchmark("domain_shift")
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
     code = bench.main(["--tiny", "--methods", "knn-cc", "--grid", "0.3:0.95:0.05", "--fit",
                        "--root", str(tmp_path / "root"), "--json", str(out_json),

@@ -3,7 +3,6 @@ takes, tiny sizes), the no-GPU exit, the peak table and the exactness checker it
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO
+from conftest import PYTHON, REPO, load_benchmark
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -73,11 +65,12 @@ def test_cpu_smoke_run_measures_everything_and_is_exact_without_faiss(tmp_path):
 def test_without_cuda_it_exits_2_with_one_line():
     proc = _run("--json", os.devnull)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [_bench().NO_CUDA] and proc.stdout == ""
+    no_cuda = load_benchmark("gpu_check").NO_CUDA
+    assert proc.stderr.strip().splitlines() == [no_cuda] and proc.stdout == ""
 
 
 def test_peak_table_matches_device_names():
-    bench = _bench()
+    bench = load_benchmark("gpu_check")
     names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0, "NVIDIA H100 PCIe": 756.0,
              "NVIDIA H100 NVL": None, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L40S": 362.0,
              "NVIDIA L40": None, "NVIDIA A10": 125.0, "NVIDIA A10G": None, "NVIDIA L4": 121.0,
@@ -86,7 +79,7 @@ def test_peak_table_matches_device_names():
 
 
 def test_exactness_checker_orders_ties_by_id_and_flags_a_wrong_neighbour(tmp_path):
-    bench = _bench()
+    bench = load_benchmark("gpu_check")
     rng = np.random.default_rng(1)
     x = rng.standard_normal((400, 16)).astype(np.float32)
     x[200:260] = x[0]  # exact duplicates: float64 ties at the top of row 0's list

@@ -4,23 +4,15 @@ slope per stage."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 
 import numpy as np
 import pytest
-from conftest import PYTHON, REPO
+from conftest import PYTHON, REPO, load_benchmark
 
 HARNESS = REPO / "benchmarks" / "vs_script.py"
-
-
-def _harness_module():
-    spec = importlib.util.spec_from_file_location("vs_script", HARNESS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -31,7 +23,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_partition_check_tells_relabelled_from_different():
-    vs = _harness_module()
+    vs = load_benchmark("vs_script")
     a = np.array([0, 0, 1, 1, 2, 3])
     assert vs.compare_partitions(a, np.array([5, 5, 0, 0, 1, 2]))["same_partition"]
     split = vs.compare_partitions(a, np.array([0, 1, 2, 2, 3, 4]))  # a's cluster 0 split
