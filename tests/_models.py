@@ -49,6 +49,47 @@ def tiny_hard_clusters(path: Path, in_dim: int, k: int, seed: int = 0, tau: floa
     return str(path)
 
 
+TINY_PROPOSALS = [
+    {"k": 10, "th": 0.4, "max_size": 40, "min_size": 3},
+    {"k": 10, "th": 0.5, "max_size": 25, "min_size": 2},
+    {"k": 10, "th": 0.5, "max_size": 25, "min_size": 3, "sv_k": 3, "sv_th": 0.3,
+     "sv_max_size": 4},
+]
+
+
+def tiny_gcn_d(path: Path, in_dim: int, k: int, seed: int = 0, segments: bool = False) -> str:
+    """A gcn-d (or, ``segments``, gcn-ds: ``gcn-d/`` + ``gcn-s/``) model directory with
+    random weights and three small proposal settings (one of them iteration 1)."""
+    import torch
+
+    from ltc_ray.models.gcn_ds import GCND, GCNS
+    from ltc_ray.models.store import save_net
+
+    meta = {"k": k, "adj_k": k, "proposals": TINY_PROPOSALS,
+            "anchors": {"low": 0.3, "high": 0.9}}
+    torch.manual_seed(seed)
+    d_dir = path / "gcn-d" if segments else path
+    save_net(str(d_dir), GCND(in_dim, (16, 8)), "gcn-d", meta)
+    if segments:
+        torch.manual_seed(seed + 1)
+        save_net(str(path / "gcn-s"), GCNS(in_dim + 1, (16, 8)), "gcn-s", meta)
+    return str(path)
+
+
+def tiny_lgcn(path: Path, in_dim: int, k: int, seed: int = 0) -> str:
+    """An L-GCN model directory with random weights (widths 16, small pivot subgraphs)."""
+    import torch
+
+    from ltc_ray.models.lgcn import LGCN
+    from ltc_ray.models.store import save_net
+
+    torch.manual_seed(seed)
+    save_net(str(path), LGCN(in_dim, (16, 16, 16, 16)), "lgcn",
+             {"k": k, "hop1": min(8, k - 1), "hop2": 3, "active": 3,
+              "thresholds": {"max_size": 60, "step": 0.02}})
+    return str(path)
+
+
 def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
     """CLI flags giving ``method`` a tiny model; [] for unsupervised methods. A newly
     registered method that needs a model fails here until it gets a maker."""
@@ -60,6 +101,11 @@ def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
         return ["--model", tiny_gcn_ve(tmp / "gcn-ve-model", in_dim, k, feature_k=15)]
     if method == "hard-clusters":
         return ["--model", tiny_hard_clusters(tmp / "hc-model", in_dim, k)]
+    if method in ("gcn-d", "gcn-ds"):
+        return ["--model", tiny_gcn_d(tmp / f"{method}-model", in_dim, k,
+                                      segments=method == "gcn-ds")]
+    if method == "lgcn":
+        return ["--model", tiny_lgcn(tmp / "lgcn-model", in_dim, k)]
     assert not REGISTRY[method].shape.uses_model, (
         f"add a tiny model maker for {method} in tests/_models.py")
     return []

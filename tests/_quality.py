@@ -21,9 +21,20 @@ def random_twin(trained: Path, out: Path, seed: int = 0, keep_gcn_v: bool = Fals
     from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
     from ltc_ray.models.gcn_e import GCNE
     from ltc_ray.models.gcn_v import GCNV
-    from ltc_ray.models.store import MODEL_JSON, save_edge_scorer, save_gcn_e, save_model
+    from ltc_ray.models.store import (
+        MODEL_JSON,
+        NETS,
+        save_edge_scorer,
+        save_gcn_e,
+        save_model,
+        save_net,
+    )
 
     trained, out = Path(trained), Path(out)
+    if not (trained / MODEL_JSON).exists() and (trained / "gcn-s").exists():  # gcn-ds
+        random_twin(trained / "gcn-d", out / "gcn-d", seed)
+        random_twin(trained / "gcn-s", out / "gcn-s", seed + 1)
+        return str(out)
     if not (trained / MODEL_JSON).exists():  # gcn-ve: gcn-v/ and gcn-e/
         if keep_gcn_v:
             shutil.copytree(trained / "gcn-v", out / "gcn-v")
@@ -41,6 +52,12 @@ def random_twin(trained: Path, out: Path, seed: int = 0, keep_gcn_v: bool = Fals
     elif meta["method"] == "hard-clusters":
         keys = ("in_dim", "d_model", "heads", "ffn", "layers", "k", "dropout")
         save_edge_scorer(str(out), EdgeScorer(ScorerShape(**{k: meta[k] for k in keys})), meta)
+    elif meta["method"] in NETS:
+        import importlib
+
+        module, name = NETS[meta["method"]]
+        cls = getattr(importlib.import_module(module), name)
+        save_net(str(out), cls(meta["in_dim"], tuple(meta["dims"])), meta["method"], meta)
     else:
         raise AssertionError(f"no random twin for a {meta['method']!r} model")
     return str(out)

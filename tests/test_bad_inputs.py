@@ -151,6 +151,30 @@ CASES = [
     Case("hc-model-is-gcn-v",
          _cluster("--method", "hard-clusters", "--model", "{d}/model-d16"),
          "model is a 'gcn-v' model, expected 'hard-clusters'", "{d}/model-d16"),
+    # --- gcn-d / gcn-ds / lgcn (issue 17)
+    Case("gcn-ds-model-not-given", _cluster("--method", "gcn-ds"),
+         "gcn-ds needs a model trained by jobs/train.py --method gcn-ds", "--model"),
+    Case("gcn-d-model-no-proposals",
+         _cluster("--method", "gcn-d", "--model", "{d}/model-gcn-d-none"),
+         "model.json has no proposal settings", "{d}/model-gcn-d-none"),
+    Case("gcn-d-model-bad-proposal",
+         _cluster("--method", "gcn-d", "--model", "{d}/model-gcn-d-bad"),
+         "bad proposal setting", "{d}/model-gcn-d-bad"),
+    Case("gcn-ds-segment-range", _cluster("--method", "gcn-ds", "--set",
+                                          "methods.gcn-ds.segment_low=2"),
+         "is a share in [0, 1], got 2", "methods.gcn-ds.segment_low"),
+    Case("gcn-d-preset-unknown", _cluster("--method", "gcn-d", "--set",
+                                          "methods.gcn-d.proposals=5"),
+         "must be one of", "methods.gcn-d.proposals"),
+    Case("lgcn-step-zero", _cluster("--method", "lgcn", "--set", "methods.lgcn.step=0"),
+         "is a step in (0, 1], got 0", "methods.lgcn.step"),
+    Case("lgcn-model-is-gcn-d", _cluster("--method", "lgcn", "--model", "{d}/model-gcn-d-bad"),
+         "model is a 'gcn-d' model, expected 'lgcn'", "{d}/model-gcn-d-bad"),
+    Case("lgcn-model-bad-hop", _cluster("--method", "lgcn", "--model", "{d}/model-lgcn-hop"),
+         "invalid model.json: hop1 must be a positive int", "{d}/model-lgcn-hop"),
+    Case("train-proposals-unknown",
+         (*TRAIN, "--output", "{out}", "--method", "gcn-ds", "--proposals", "7"),
+         "invalid choice: '7'", "--proposals", job="train"),
     # --- output location
     Case("output-is-file", _cluster("--output", "{d}/a-file"), "output path is a file",
          "{d}/a-file"),
@@ -325,6 +349,15 @@ def _models(d: Path) -> None:
     save_model(str(nan_tau), GCNV(D, 4), {"k": K, "thresholds": {"tau": 0.6}})
     text = (nan_tau / "model.json").read_text()
     (nan_tau / "model.json").write_text(text.replace('"tau": 0.6', '"tau": NaN'))
+    from ltc_ray.models.gcn_ds import GCND
+    from ltc_ray.models.lgcn import LGCN
+    from ltc_ray.models.store import save_net
+
+    save_net(str(d / "model-gcn-d-none"), GCND(D, (4, 4)), "gcn-d", {"k": K})
+    save_net(str(d / "model-gcn-d-bad"), GCND(D, (4, 4)), "gcn-d",
+             {"k": K, "proposals": [{"k": K, "th": 5.0}]})
+    save_net(str(d / "model-lgcn-hop"), LGCN(D, (4, 4, 4, 4)), "lgcn",
+             {"k": K, "hop1": 0, "hop2": 2, "active": 2})
     pickled = d / "model-pickle"
     save_model(str(pickled), GCNV(D, 4), {"k": K})
     state = dict(GCNV(D, 4).state_dict())

@@ -31,8 +31,9 @@ def train_parser() -> argparse.ArgumentParser:
     )
     _add_input_args(p, "labels (.meta); --part finds them itself")
     p.add_argument("--method", default="hard-clusters",
-                   help="hard-clusters (edge scorer; the default), gcn-v or gcn-ve (GCN-V, "
-                   "then GCN-E)")
+                   help="hard-clusters (edge scorer; the default), gcn-v, gcn-ve (GCN-V, "
+                   "then GCN-E), gcn-d (proposal scores), gcn-ds (GCN-D + GCN-S) or lgcn "
+                   "(L-GCN linkage)")
     p.add_argument("--output", required=True, help="model directory URI to write")
     p.add_argument("--edge-epochs", type=int_flag,
                    help="gcn-ve: GCN-E training epochs (default 2)")
@@ -47,6 +48,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-folds", type=int_flag,
                    help="hard-clusters: identity folds of the out-of-fold TPDi threshold search "
                    "(default 2; 0 keeps the paper's 0.7)")
+    p.add_argument("--proposals", choices=("2", "8", "20"),
+                   help="gcn-d, gcn-ds: learn-to-cluster's proposal settings to train on and "
+                   "carry (default 8: iteration 0 at two cuts + six super-vertex settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model")
     _add_run_args(p, "<output>.work")
     return p
@@ -70,7 +74,8 @@ def train_main(argv: Sequence[str]) -> int:
     from ltc_ray.pipeline.train import train
 
     options = {flag: getattr(args, flag) for flag in (
-        "epochs", "lr", "batch_rows", "hidden", "tune_folds", "edge_epochs", "rho")}
+        "epochs", "lr", "batch_rows", "hidden", "tune_folds", "edge_epochs", "rho",
+        "proposals")}
     meta = train(args.method, features, labels, args.output, cfg, options, knn=knn,
                  work_dir=args.work_dir, overwrite=args.overwrite, num_cpus=args.num_cpus,
                  storage_options=_storage_options(args.storage_options))

@@ -19,9 +19,13 @@ shape              hook the method implements
 score "rows"       ``score(part: PartitionInput) -> (n,) float32``
 score "halo"       ``score_halo(part: HaloPartition) -> ScoreOutput``
 score "rescore"    ``rescore_graph(ctx: RescoreContext) -> RescoreOutput``
+score "stage"      ``stage_scores(ctx: RescoreContext) -> StageOutput`` (its own stage:
+                   e.g. proposals scored on actors; files under ``ctx.out_dir``)
 link "rows"        ``link(part: PartitionInput, scores (N,)) -> LinkResult``
 link "halo"        ``link_halo(part: LinkHaloPartition, scores, context) -> LinkResult``
 link "whole-graph" ``cluster_graph(knn_ids, knn_sims, features) -> labels (N,)``
+link "stage"       ``stage_links(ctx: LinkStageContext) -> LinkStageOutput`` (its own
+                   distributed link step; the global merge follows as for any link)
 link_reduce        ``link_context(scores (N,)) -> value`` passed to every ``link_halo``
 =================  ============================================================
 
@@ -46,13 +50,15 @@ from ltc_ray.graph.similarity_stats import SimilarityStats, derive
 from ltc_ray.params import Auto, auto_fields
 from ltc_ray.plan_model import PlanContext, PlanStage, shape_stages
 
-ScoreShape = Literal["rows", "halo", "rescore"]
-LinkShape = Literal["rows", "halo", "whole-graph"]
+ScoreShape = Literal["rows", "halo", "rescore", "stage"]
+LinkShape = Literal["rows", "halo", "whole-graph", "stage"]
 LinkGraph = Literal["scored", "node-features", "input"]
 
 # hooks each shape needs (checked when a method is registered and when it is compiled)
-SCORE_HOOKS = {"rows": "score", "halo": "score_halo", "rescore": "rescore_graph"}
-LINK_HOOKS = {"rows": "link", "halo": "link_halo", "whole-graph": "cluster_graph"}
+SCORE_HOOKS = {"rows": "score", "halo": "score_halo", "rescore": "rescore_graph",
+               "stage": "stage_scores"}
+LINK_HOOKS = {"rows": "link", "halo": "link_halo", "whole-graph": "cluster_graph",
+              "stage": "stage_links"}
 
 
 @dataclass(frozen=True)
@@ -149,9 +155,33 @@ class ScoreOutput:
 
 
 @dataclass
+class StageTools:
+    """The pipeline's machinery a method's own stage ("rescore", "stage") may use, handed
+    in so that a method never imports the pipeline:
+
+    - ``start_actors(info | None, graph, ranges, cpus, gpus) -> (actors, bounds)``: one
+      partition actor per range serving its kNN rows (and features with ``info``);
+      ``actor.run.remote(job, actors, bounds, index, *args)`` runs
+      ``job(actor, fetch, *args)`` there, ``fetch(sorted ids) -> (feats_of, rows_of)``
+      fetching any nodes from their owners; kill the actors when done;
+    - ``build_graph(info, knn_config, directory) -> KnnManifest``: a sharded kNN graph;
+    - ``save_array(uri, *part_refs) -> ref (bytes, sha256)``: parts concatenated, saved;
+    - ``load_array(uri, sha256 | None) -> ref``: a saved array (checked), in a worker;
+    - ``slice_rows(ref, lo, hi) -> ref``.
+    """
+
+    start_actors: Any = None
+    build_graph: Any = None
+    save_array: Any = None
+    load_array: Any = None
+    slice_rows: Any = None
+
+
+@dataclass
 class RescoreContext:
-    """What a "rescore" stage gets: the inputs, the graph, the partitions, the cluster's
-    CPUs/GPUs and where to write the re-scored graph (blocks = partitions)."""
+    """What a "rescore" or "stage" score stage gets: the inputs, the graph, the
+    partitions, the cluster's CPUs/GPUs, where to write (the re-scored graph, blocks =
+    partitions; or the stage's own files) and what a second kNN it builds needs."""
 
     features: Any  # io.features.FeatureInfo
     graph: Any  # graph.knn_graph.KnnManifest
@@ -159,6 +189,10 @@ class RescoreContext:
     cpus: float
     gpus: float
     out_dir: str
+    knn_config: Any = None  # config.KnnConfig of the run
+    resources: dict = field(default_factory=dict)  # the cluster's resources (Ray)
+    seed: int = 0
+    tools: StageTools = field(default_factory=StageTools)
 
 
 @dataclass
@@ -168,6 +202,48 @@ class RescoreOutput:
 
     scores: list
     graph: Any
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageOutput:
+    """A "stage" scorer's result: per-partition node-score refs, the files under its
+    ``out_dir`` the link step reads (recorded with their sha256, so a damaged one is
+    computed again), small JSON ``meta`` handed to the link step (also on reuse) and
+    stats (``actor_peak_rss_bytes`` a list, the rest recorded as is)."""
+
+    scores: list
+    artifacts: list[str]
+    meta: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class LinkStageContext:
+    """What a "stage" linker gets: the inputs, the graph, the partitions, the score refs,
+    the cluster's CPUs/GPUs, the score stage's directory and ``meta`` (a "stage" scorer)
+    and the storage options of the run's files."""
+
+    features: Any
+    graph: Any
+    ranges: list[tuple[int, int]]
+    scores: list
+    cpus: float
+    gpus: float
+    score_dir: str | None = None
+    score_meta: dict = field(default_factory=dict)
+    storage_options: dict | None = None
+    score_digests: dict = field(default_factory=dict)  # sha256 by file of the score stage
+    tools: StageTools = field(default_factory=StageTools)
+
+
+@dataclass
+class LinkStageOutput:
+    """Per-partition refs to ``parent (n,) int64`` and merge edges ``(src, dst)``, and
+    stats recorded with the link stage."""
+
+    parents: list
+    edges: list
     stats: dict = field(default_factory=dict)
 
 

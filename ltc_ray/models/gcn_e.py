@@ -59,24 +59,30 @@ class BatchedGraphConv(GraphConvConcat):
         return torch.relu_(out).reshape(b, s, -1)
 
 
+def four_layer_widths(net: nn.Module, in_dim: int, dims: Sequence[int]) -> tuple[int, ...]:
+    """Check and record a 4-layer GCN's input and layer widths on ``net`` (``in_dim``,
+    ``dims``); returns ``(in_dim, *dims)``. GCN-E and L-GCN share this shape."""
+    dims = tuple(int(d) for d in dims)
+    if in_dim < 1 or len(dims) != 4 or min(dims) < 1:
+        raise ValueError(f"in_dim ({in_dim}) and 4 layer widths ({dims}) must be positive")
+    net.in_dim = int(in_dim)
+    net.dims = dims
+    return (net.in_dim, *dims)
+
+
 class GCNE(nn.Module):
     """The GCN-E edge model: 4 concat GraphConv layers ``in_dim -> dims[0] -> .. -> dims[3]``,
     then Linear -> PReLU -> Linear(2) and log-softmax per candidate."""
 
     def __init__(self, in_dim: int = 512, dims: Sequence[int] = (512, 512, 256, 256)):
         super().__init__()
-        dims = tuple(int(d) for d in dims)
-        if in_dim < 1 or len(dims) != 4 or min(dims) < 1:
-            raise ValueError(f"in_dim ({in_dim}) and 4 layer widths ({dims}) must be positive")
-        self.in_dim = int(in_dim)
-        self.dims = dims
-        widths = (self.in_dim, *dims)
+        widths = four_layer_widths(self, in_dim, dims)
         self.conv1 = BatchedGraphConv(widths[0], widths[1])
         self.conv2 = BatchedGraphConv(widths[1], widths[2])
         self.conv3 = BatchedGraphConv(widths[2], widths[3])
         self.conv4 = BatchedGraphConv(widths[3], widths[4])
         self.classifier = nn.Sequential(
-            nn.Linear(dims[-1], dims[-1]), nn.PReLU(dims[-1]), nn.Linear(dims[-1], 2)
+            nn.Linear(widths[-1], widths[-1]), nn.PReLU(widths[-1]), nn.Linear(widths[-1], 2)
         )
 
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor) -> Tensor:

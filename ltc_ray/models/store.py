@@ -44,11 +44,13 @@ __all__ = [
     "load_edge_scorer",
     "load_gcn_e",
     "load_model",
+    "load_net",
     "add_model_meta",
     "read_model_meta",
     "save_edge_scorer",
     "save_gcn_e",
     "save_model",
+    "save_net",
 ]
 
 WEIGHTS = "weights.pt"
@@ -143,6 +145,46 @@ def load_edge_scorer(
     return model, meta
 
 
+# models written by :func:`save_net`: method -> (module, class) (imported when loaded)
+NETS = {"gcn-d": ("ltc_ray.models.gcn_ds", "GCND"), "gcn-s": ("ltc_ray.models.gcn_ds", "GCNS"),
+        "lgcn": ("ltc_ray.models.lgcn", "LGCN")}
+
+
+def save_net(uri: str, model: torch.nn.Module, method: str, meta: dict,
+             storage_options: dict | None = None) -> None:
+    """Write a model of :data:`NETS` (``in_dim`` and the layer widths ``dims`` from the
+    model) and ``meta`` to the directory ``uri``, as :func:`save_model` does."""
+    if method not in NETS:
+        raise ValueError(f"unknown model kind {method!r}")
+    arch = {"method": method, "in_dim": int(model.in_dim), "dims": [int(d) for d in model.dims]}
+    if hasattr(model, "center"):  # gcn-d/gcn-s: centred features, member structure columns
+        arch["center"] = bool(model.center)
+        arch["structure"] = bool(model.structure)
+    _write(uri, model, meta, arch, storage_options)
+
+
+def load_net(uri: str, method: str, expected_dim: int | None = None,
+             expected_k: int | None = None, storage_options: dict | None = None
+             ) -> tuple[torch.nn.Module, dict]:
+    """A model of :data:`NETS` in directory ``uri`` (eval mode, CPU) and its
+    ``model.json``, with the checks of :func:`load_model`."""
+    import importlib
+
+    meta = _checked_meta(uri, method, None, expected_dim, expected_k, storage_options)
+    module, name = NETS[method]
+    cls = getattr(importlib.import_module(module), name)
+    try:
+        model = cls(meta["in_dim"], tuple(meta["dims"]))
+    except (TypeError, ValueError) as exc:
+        raise InputError(uri, f"invalid {MODEL_JSON}: {exc}") from None
+    if hasattr(model, "center"):
+        model.center = meta.get("center") is True
+        model.structure = meta.get("structure") is True
+    _load_weights(uri, model, f"{method} (in_dim {meta['in_dim']}, dims {meta['dims']})",
+                  storage_options)
+    return model, meta
+
+
 def read_model_meta(uri: str, storage_options: dict | None = None) -> dict | None:
     """``model.json`` of the model directory ``uri`` (validated), or None when it has none."""
     with storage_errors(uri):
@@ -228,7 +270,8 @@ def _read_meta(uri: str, storage_options: dict | None) -> dict:
     if not isinstance(meta, dict):
         raise InputError(uri, f"invalid {MODEL_JSON}: expected an object")
     # GCN-V records its width as ``hidden``, GCN-E its four widths as ``dims``.
-    sizes = {METHOD_E: ("in_dim", "k"), METHOD_HC: SCORER_KEYS}.get(
+    sizes = {METHOD_E: ("in_dim", "k"), METHOD_HC: SCORER_KEYS,
+             **dict.fromkeys(NETS, ("in_dim", "k"))}.get(
         meta.get("method"), ("in_dim", "hidden", "k"))
     for key in sizes:
         value = meta.get(key)
@@ -247,6 +290,11 @@ def _read_meta(uri: str, storage_options: dict | None) -> dict:
         dims = meta.get("dims")
         if not isinstance(dims, list) or len(dims) != 4 or not all(map(_positive_int, dims)):
             raise InputError(uri, f"invalid {MODEL_JSON}: dims must be 4 positive ints")
+    if meta["method"] in NETS:
+        dims = meta.get("dims")
+        if not isinstance(dims, list) or not 1 <= len(dims) <= 8 or not all(
+                map(_positive_int, dims)):
+            raise InputError(uri, f"invalid {MODEL_JSON}: dims must be positive ints")
     return meta
 
 

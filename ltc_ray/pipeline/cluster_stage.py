@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from ltc_ray.cluster.base import ClusterMethod, LinkHaloPartition, PartitionInput
+from ltc_ray.cluster.base import (
+    ClusterMethod,
+    LinkHaloPartition,
+    LinkStageContext,
+    PartitionInput,
+    StageTools,
+)
 from ltc_ray.cluster.components import (
     dense_cluster_ids,
     merge_edges,
@@ -29,8 +35,9 @@ from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.graph.ranking import first_true
 from ltc_ray.graph.similarity_stats import rank_histograms
 from ltc_ray.io.features import FeatureInfo, read_features
-from ltc_ray.pipeline.halo import link_with_halo, score_with_halo
-from ltc_ray.pipeline.stages import slice_rows
+from ltc_ray.pipeline.halo import link_with_halo, score_with_halo, start_link_actors
+from ltc_ray.pipeline.knn_stage import build_knn_graph
+from ltc_ray.pipeline.stages import load_array, save_concat, slice_rows
 from ltc_ray.runtime import delay_for_tests, peak_rss_bytes, ray_get, wait_all
 
 log = logging.getLogger("ltc_ray")
@@ -115,6 +122,17 @@ def _link_rows_halo(method: ClusterMethod, manifest: KnnManifest, start: int, st
     return result.parent, edges, stats
 
 
+@ray.remote(max_retries=3)
+def _edge_stats(edges: tuple) -> dict:
+    return {"edges": int(len(edges[0])), "forest_edges": int(len(edges[0])),
+            "peak_rss": peak_rss_bytes()}
+
+
+@ray.remote(max_retries=3)
+def _forest_of(edges: tuple, n_rows: int) -> tuple:
+    return spanning_forest(edges[0], edges[1], n_rows)
+
+
 @ray.remote
 def _link_context(method: ClusterMethod, *score_parts):
     """The value a "halo" linker with ``link_reduce`` needs from all scores (GCN-E: the
@@ -168,6 +186,21 @@ def _whole_graph_stage(method: ClusterMethod, manifest: KnnManifest,
     parents = [slice_rows.remote(parent, lo, hi) for lo, hi in ranges]
     return ClusterRefs(ranges=ranges, scores=scores, parents=parents, cluster_id=cluster_id,
                        summary=summary, n_clusters=len(sizes))
+
+
+def stage_tools(so: dict | None, resources: dict | None = None, seed: int = 0) -> StageTools:
+    """The machinery handed to a method's own stages (:class:`StageTools`)."""
+    def start_actors(info, graph, ranges, cpus, gpus=0.0):
+        return start_link_actors(info, graph, ranges, cpus, gpus, so)
+
+    def build_graph(info, knn_config, directory):
+        return build_knn_graph(info, knn_config, directory, resources or {}, seed)[0]
+
+    return StageTools(
+        start_actors=start_actors, build_graph=build_graph,
+        save_array=lambda uri, *parts: save_concat.remote(uri, so, *parts),
+        load_array=lambda uri, sha256=None: load_array.remote(uri, so, sha256),
+        slice_rows=lambda ref, lo, hi: slice_rows.remote(ref, lo, hi))
 
 
 @dataclass
@@ -235,10 +268,13 @@ def link_merge_stage(
     info: FeatureInfo | None = None,
     cpus: float = 1.0,
     features: FeatureInfo | None = None,
+    gpus: float = 0.0,
+    stage: tuple[str | None, dict, dict] = (None, {}, {}),
 ) -> ClusterRefs:
     """Link every partition given all scores, then the global merge. "halo" linkers (GCN-E,
     TPDi) link on actors over ``manifest``'s rows (and ``info``'s node features when the
-    shape asks); "whole-graph" methods run in one task instead."""
+    shape asks); "whole-graph" methods run in one task instead; "stage" linkers run their
+    own step (given the score stage's directory, meta and file digests: ``stage``)."""
     n = manifest.n_rows
     so = storage_options
     shape = method.shape
@@ -250,7 +286,17 @@ def link_merge_stage(
     forest = merge_mode == "forest"
     with stage_log.stage("link", rows=n) as rec:
         actors = []
-        if shape.link == "halo" and not _halo_in_tasks(method, manifest):
+        if shape.link == "stage":
+            score_dir, score_meta, digests = stage
+            out = method.stage_links(LinkStageContext(
+                features, manifest, ranges, scores, cpus, gpus, score_dir, score_meta, so,
+                digests, stage_tools(so)))
+            parents, edges = out.parents, out.edges
+            stat_refs = [_edge_stats.remote(e) for e in edges]
+            if forest:
+                edges = [_forest_of.remote(e, manifest.n_rows) for e in edges]
+            rec.extra.update(out.stats)
+        elif shape.link == "halo" and not _halo_in_tasks(method, manifest):
             context = None
             if shape.link_reduce:
                 context = ray_get(_link_context.remote(method, *scores))

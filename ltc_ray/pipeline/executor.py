@@ -58,6 +58,7 @@ from ltc_ray.pipeline.cluster_stage import (
     link_merge_stage,
     partition_ranges,
     score_stage,
+    stage_tools,
 )
 from ltc_ray.pipeline.knn_stage import build_knn_graph, import_ltc_knn, knn_graph_keys_for
 from ltc_ray.pipeline.stages import (
@@ -170,6 +171,10 @@ class _Scored:
     graph: KnnManifest
     fingerprint: str
     feature_parts: str | None = None  # the parts manifest of emitted node features
+    # a "stage" scorer: its directory, meta and its files' sha256 (for the link step)
+    stage_dir: str | None = None
+    stage_meta: dict = field(default_factory=dict)
+    stage_digests: dict = field(default_factory=dict)
 
 
 class Run:
@@ -396,6 +401,7 @@ class Run:
         fp, marker = store.lookup("score", keys)
         scores_uri = store.uri("score", "scores.npy")
         rescored_dir = join_uri(self.work_dir, "knn-rescored")
+        stage_dir = join_uri(self.work_dir, "score-stage") if shape.score == "stage" else None
         feature_dir = join_uri(self.work_dir, "node-features")
         parts_uri = join_uri(feature_dir, "features.parts.json")
         graph = self.graph
@@ -410,19 +416,33 @@ class Run:
                     store.reuse("score")
                     rec.skipped = True
                     rec.extra["fingerprint"] = fp
+                digests = {uri: entry.get("sha256")
+                           for uri, entry in marker.get("artifacts", {}).items()}
                 return _Scored(scores, graph, fp,
-                               parts_uri if shape.node_features else None)
+                               parts_uri if shape.node_features else None, stage_dir,
+                               marker["meta"].get("method", {}), digests)
         store.begin("score")
         artifacts: dict = {}
-        if shape.score == "rescore":
-            _remove(rescored_dir, so)
+        meta: dict = {"partitions": len(ranges)}
+        ctx = RescoreContext(self.info, self.graph, ranges, self._cpus(), self._gpus(),
+                             rescored_dir if shape.score == "rescore" else stage_dir,
+                             knn_config=self.config.knn, resources=self.resources,
+                             seed=int(self.config.seed),
+                             tools=stage_tools(so, self.resources, int(self.config.seed)))
+        if shape.score in ("rescore", "stage"):
+            _remove(ctx.out_dir, so)
             with stages.stage("score", rows=n) as rec:
-                out = method.rescore_graph(RescoreContext(
-                    self.info, self.graph, ranges, self._cpus(), self._gpus(), rescored_dir))
-                scores, graph = out.scores, out.graph
+                if shape.score == "rescore":
+                    out = method.rescore_graph(ctx)
+                    graph = out.graph
+                    artifacts.update(graph_artifacts(graph))
+                else:
+                    out = method.stage_scores(ctx)
+                    artifacts.update(dict.fromkeys(out.artifacts))
+                    meta["method"] = out.meta
+                scores = out.scores
                 rec.worker_peak_rss_bytes = max(out.stats.get("actor_peak_rss_bytes", [0]))
                 rec.extra.update(out.stats, partitions=len(ranges), fingerprint=fp)
-            artifacts.update(graph_artifacts(graph))
         else:
             scores, parts, width = score_stage(method, self.graph, ranges, self._cpus(), so, stages,
                                         info=self.info,
@@ -434,8 +454,12 @@ class Run:
                 artifacts.update(dict.fromkeys(
                     [parts_uri, *(join_uri(feature_dir, part[2]) for part in parts)]))
         artifacts[scores_uri] = ray_get(save_concat.remote(scores_uri, so, *scores))
-        store.finish("score", fp, keys, {"partitions": len(ranges)}, artifacts=artifacts)
-        return _Scored(scores, graph, fp, parts_uri if shape.node_features else None)
+        store.finish("score", fp, keys, meta, artifacts=artifacts)
+        marker = store._read_marker("score") if shape.score == "stage" else None
+        digests = {uri: entry.get("sha256")
+                   for uri, entry in (marker or {}).get("artifacts", {}).items()}
+        return _Scored(scores, graph, fp, parts_uri if shape.node_features else None,
+                       stage_dir, meta.get("method", {}), digests)
 
     def _link_graph(self, method: ClusterMethod, scored: _Scored
                     ) -> tuple[KnnManifest, FeatureInfo | None, str]:
@@ -505,7 +529,9 @@ class Run:
         store.begin("link")
         refs = link_merge_stage(method, graph, ranges, scored.scores, self.config.cluster, so,
                                 self.stages, info=link_info, cpus=self._cpus(),
-                                features=self.info)
+                                features=self.info, gpus=self._gpus(),
+                                stage=(scored.stage_dir, scored.stage_meta,
+                                       scored.stage_digests))
         if attach is not None:  # on the input graph: the similarity scale the cut is on
             refs = attach_singletons(refs, self.graph, attach, so, self.stages)
         parents_digest, cid_digest, (sizes_digest, reps_digest) = ray_get([

@@ -128,6 +128,7 @@ class LinkActor:
         if info is not None:  # a model links on features; rows-only linkers (TPDi, ARO)
             set_torch_threads(threads)  # are numpy: importing torch would cost seconds
         so = info.storage_options if info is not None else storage_options
+        self.storage_options = so
         self.start, self.stop, self.n_rows = start, stop, manifest.n_rows
         self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
         # methods that only need the neighbours' rows (TPDi) link without features
@@ -156,6 +157,32 @@ class LinkActor:
             if feats is not None:
                 feats[pos] = f
         return feats, rows_ids, rows_sims
+
+    def lookups(self, needed: np.ndarray, actors: list, bounds: np.ndarray, index: int):
+        """``(feats_of, rows_of)`` over the sorted distinct nodes ``needed``, fetched once
+        (``feats_of`` None without features); asking for any other node is a KeyError."""
+        feats, rows_ids, rows_sims = self._fetch(needed, actors, bounds, index)
+
+        def lookup(query) -> np.ndarray:
+            query = np.asarray(query, dtype=np.int64)
+            pos = np.searchsorted(needed, query)
+            if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)]
+                                               != query).any():
+                raise KeyError("a node outside the fetched neighbourhood was requested")
+            return pos
+
+        def rows_of(query):
+            pos = lookup(query)
+            return rows_ids[pos], rows_sims[pos]
+
+        return ((lambda q: feats[lookup(q)]) if feats is not None else None), rows_of
+
+    def run(self, job, actors: list, bounds: np.ndarray, index: int, *args):
+        """``job(actor, fetch, *args)`` on this actor, where ``fetch(needed)`` gives the
+        :meth:`lookups` of any sorted distinct nodes: a method's own work over other
+        partitions' rows (proposal members, pivot subgraphs); returns what it returns."""
+        delay_for_tests("link")
+        return job(self, lambda needed: self.lookups(needed, actors, bounds, index), *args)
 
     def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
              context, *score_parts):
@@ -188,22 +215,9 @@ class LinkActor:
             part = LinkHaloPartition(self.start, self.stop, self.knn_ids, self.knn_sims,
                                      feats_of=None, rows_of=rows_of)
         else:
-            feats, rows_ids, rows_sims = self._fetch(needed, actors, bounds, index)
-
-            def lookup(query: np.ndarray) -> np.ndarray:
-                pos = np.searchsorted(needed, query)
-                if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)]
-                                                   != query).any():
-                    raise KeyError("a node outside the fetched neighbourhood was requested")
-                return pos
-
-            part = LinkHaloPartition(
-                self.start, self.stop, self.knn_ids, self.knn_sims,
-                feats_of=(lambda q: feats[lookup(np.asarray(q, dtype=np.int64))])
-                if feats is not None else None,
-                rows_of=lambda q: (rows_ids[lookup(np.asarray(q, dtype=np.int64))],
-                                   rows_sims[lookup(np.asarray(q, dtype=np.int64))]),
-            )
+            feats_of, rows_of = self.lookups(needed, actors, bounds, index)
+            part = LinkHaloPartition(self.start, self.stop, self.knn_ids, self.knn_sims,
+                                     feats_of=feats_of, rows_of=rows_of)
         result = method.link_halo(part, scores, context)
         edges = (spanning_forest(result.src, result.dst, self.n_rows) if forest
                  else (result.src, result.dst))
@@ -212,6 +226,19 @@ class LinkActor:
                  "halo_requests": fetched["requests"] if lazy else 1,
                  "peak_rss": peak_rss_bytes()}
         return result.parent, edges, stats
+
+
+def start_link_actors(info: FeatureInfo | None, manifest: KnnManifest,
+                      ranges: list[tuple[int, int]], cpus: float, gpus: float = 0.0,
+                      storage_options: dict | None = None) -> tuple[list, np.ndarray]:
+    """One :class:`LinkActor` per partition and the partition bounds (for
+    :meth:`LinkActor.run`); kill the actors when done."""
+    share = max(cpus / len(ranges), 0.01)
+    gpu_share = min(1.0, gpus / len(ranges)) if gpus else 0.0
+    actors = [LinkActor.options(num_cpus=share, num_gpus=gpu_share).remote(
+        lo, hi, info, manifest, max(1, int(share)), storage_options) for lo, hi in ranges]
+    bounds = np.array([lo for lo, _ in ranges] + [ranges[-1][1]], dtype=np.int64)
+    return actors, bounds
 
 
 def link_with_halo(method, info: FeatureInfo | None, manifest: KnnManifest,
