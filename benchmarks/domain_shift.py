@@ -73,7 +73,9 @@ LABEL_FREE = ("knn-cc", "density-peak", "infomap", "chinese-whispers", "knn-dbsc
 QUICK_SETTINGS = ("ms1m-like", "low-sim", "lfw-like")
 QUICK_METHODS = ("knn-cc", "aro", "hac")
 LEARNED_TRAIN, LEARNED_TEST = "ms1m-like", ("ms1m-like", "low-sim")
-LEARNED_OPTIONS = {"gcn-v": {"epochs": 30}, "hard-clusters": {"epochs": 1, "tune_folds": 2}}
+LEARNED_OPTIONS = {"gcn-v": {"epochs": 30}, "hard-clusters": {"epochs": 1, "tune_folds": 2},
+                   "gcn-d": {}, "gcn-ds": {}, "lgcn": {}}
+LEARNED_DEFAULT = ("gcn-v", "hard-clusters")
 COLLAPSE_DEFAULT, COLLAPSE_TUNED = 0.5, 0.8
 FIT_ALPHAS = np.round(np.arange(-0.5, 2.0 + 1e-9, 0.01), 2)
 FIT_MEAN_WEIGHT = 0.2
@@ -243,7 +245,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             data["splits"][split]["knn_reused"] = splits[key].knn_reused
         return splits[key]
 
-    for s in settings:
+    for s in ([] if args.learned_only else settings):
         say(f"== {s.name}: {s.note}")
         test, train = split_of(s, "test"), split_of(s, "train")
         info = result["settings"][s.name]["splits"]["test"]
@@ -261,7 +263,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 cells[name] = bench_cell(name, test, train, args.root, args.seed, grid,
                                          args.grid_factor)
             cells[name]["seconds"] = round(time.perf_counter() - t0, 2)
-    if args.learned:
+    if args.learned or args.learned_only:
         result["learned"] = run_learned(args, split_of)
     if args.fit:
         result["fit"] = fit_rules(result, splits)
@@ -302,8 +304,9 @@ def run_learned(args: argparse.Namespace, split_of) -> dict:
 
     say("== learned methods (trained on ms1m-like train)")
     source = split_of(SETTINGS[LEARNED_TRAIN], "train")
-    out: dict = {"trained_on": LEARNED_TRAIN, "options": LEARNED_OPTIONS, "runs": {}}
-    for name, options in LEARNED_OPTIONS.items():
+    chosen = {name: LEARNED_OPTIONS[name] for name in args.learned_methods}
+    out: dict = {"trained_on": LEARNED_TRAIN, "options": chosen, "runs": {}}
+    for name, options in chosen.items():
         model = os.path.join(args.root, "models", name)
         t0 = time.perf_counter()
         meta = train(name, source.features, source.labels, model, base_config(name, args.seed),
@@ -603,6 +606,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--learned", action="store_true",
                     help="also train gcn-v and hard-clusters on ms1m-like train and run them "
                          "on ms1m-like and low-sim test (shift warnings, gcn-v tau=auto)")
+    ap.add_argument("--learned-methods", type=_csv(list(LEARNED_OPTIONS), "method"),
+                    default=",".join(LEARNED_DEFAULT),
+                    help=f"the learned methods --learned trains and runs (default "
+                         f"{','.join(LEARNED_DEFAULT)}; any of {', '.join(LEARNED_OPTIONS)})")
+    ap.add_argument("--learned-only", action="store_true",
+                    help="only the learned methods (no label-free grid)")
     ap.add_argument("--fit", action="store_true",
                     help="refit each similarity/distance rule's alpha on the train curves, "
                          "with a leave-one-setting-out check (reports only)")

@@ -100,8 +100,10 @@ def test_unknown_method_is_an_input_error():
 # tests/test_hard_clusters.py run them through it with the same invariance checks.
 # methods this module can run in-process: not a re-scoring stage, and a halo linker only
 # when it reads just the neighbours' rows (ARO), not node features (GCN-E)
+# (methods with a stage of their own -- gcn-d, gcn-ds, lgcn -- run in tests/test_gcn_ds.py,
+# tests/test_lgcn.py and tests/test_determinism.py through the job)
 ROW_METHODS = sorted(name for name, cls in REGISTRY.items()
-                     if cls.shape.score != "rescore"
+                     if cls.shape.score not in ("rescore", "stage") and cls.shape.link != "stage"
                      and (cls.shape.link != "halo" or not cls.shape.link_halo_features))
 
 

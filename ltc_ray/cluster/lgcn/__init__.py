@@ -47,7 +47,7 @@ class LGCNParams:
     step: float | None = param(None, valid=Range(0.0, 1.0, low_open=True, what="a step"))
     batch_size: int = param(32, valid=Range(1, 1 << 16))  # pivot subgraphs per forward pass
     # pivots per halo fetch on an actor (memory: their three-hop neighbourhood at once)
-    chunk_rows: int = param(16384, valid=Range(1, ROWS))
+    chunk_rows: int = param(2048, valid=Range(1, ROWS))
 
 
 @register
