@@ -226,12 +226,14 @@ def test_ray_stage_equals_single_process(graph_on_disk, data, parts):
 
 # ----------------------------------------------------------------------------- in the job
 def _job(path, model, method, out, work, *sets):
+    """One cluster job (one partition actor: the layouts are tested elsewhere)."""
     import json
 
     from ltc_ray.cli import main
 
     args = ["cluster", "--features", str(path), "--dim", "24", "--method", method, "--model",
-            str(model), "--set", f"knn.k={K}", "--output", str(out), "--work-dir", str(work)]
+            str(model), "--set", f"knn.k={K}", "--set", "cluster.partitions=1",
+            "--output", str(out), "--work-dir", str(work)]
     for item in sets:
         args += ["--set", item]
     assert main(args) == 0

@@ -33,7 +33,7 @@ def test_propagation_on_the_rescored_graph_and_resume(ray_local, tmp_path):
     write_bin(tmp_path / "x.bin", x, labels)
     model = tiny_lgcn(tmp_path / "model", 16, K)
     work = tmp_path / "work"
-    first = _job(tmp_path / "x.bin", model, tmp_path / "a", work, "cluster.partitions=3")
+    first = _job(tmp_path / "x.bin", model, tmp_path / "a", work, "cluster.partitions=2")
     graph = load_manifest(str(work / "knn-rescored"))
     assert graph.k == 9  # self + the model's hop1 (8): the re-scored rows
     ids, prob = read_knn_rows(graph, 0, graph.n_rows)
@@ -53,7 +53,7 @@ def test_propagation_on_the_rescored_graph_and_resume(ray_local, tmp_path):
     assert len(np.unique(got)) == len(np.unique(want)) == first["n_clusters"]
     assert (np.unique(np.c_[got, want], axis=0).shape[0]) == first["n_clusters"]
     # a new max_size reuses the probabilities and only propagates again
-    again = _job(tmp_path / "x.bin", model, tmp_path / "b", work, "cluster.partitions=3",
+    again = _job(tmp_path / "x.bin", model, tmp_path / "b", work, "cluster.partitions=2",
                  "methods.lgcn.max_size=5")
     assert {"plan", "knn", "score"} <= set(again["reused_stages"])
     assert "link" not in again["reused_stages"]

@@ -53,9 +53,9 @@ def _score_job(actor, fetch, method, index: int, out_dir: str, chunk: int):
         rows = ids[lo : lo + chunk]
         pivots = np.arange(actor.start + lo, actor.start + lo + len(rows), dtype=np.int64)
         first = np.unique(np.concatenate([pivots, rows[:, 1 : hop1 + 1].ravel()]))
-        first = first[first >= 0]
+        first = first[first >= 0]  # the pivots and their hop-1 nodes
         _, rows_of = fetch(first)
-        hop2_ids = rows_of(first[first != -1])[0][:, 1 : hop2 + 1].ravel()
+        hop2_ids = rows_of(first)[0][:, 1 : hop2 + 1].ravel()
         needed = np.unique(np.concatenate([first, hop2_ids[hop2_ids >= 0]]))
         feats_of, rows_of = fetch(needed)
         halo += int(np.count_nonzero((needed < actor.start) | (needed >= actor.stop)))
