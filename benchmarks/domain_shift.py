@@ -441,6 +441,11 @@ def cell_values(cell: dict, metric: str) -> tuple[float, float | None, float | N
 def markdown(result: dict) -> str:
     settings = list(result["results"])
     methods = result["methods"]
+    if not settings:  # --learned-only: no label-free grid
+        head = [f"# Domain-shift benchmark, learned methods only (seed {result['seed']}, "
+                f"{result['machine']['description']}, {result['wall_s']:.0f} s)"]
+        return "\n".join(head + learned_markdown(result.get("learned", {"runs": {},
+                                                   "trained_on": LEARNED_TRAIN}))) + "\n"
     lines = [f"# Domain-shift benchmark (seed {result['seed']}, {result['machine']['description']},"
              f" {result['wall_s']:.0f} s)", "",
              "Cells: **default / tuned / best** in percent on each setting's TEST split. "
