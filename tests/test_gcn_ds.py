@@ -15,7 +15,6 @@ from ltc_ray.cluster.gcn_ds.proposals import (
     ProposalTable,
     deoverlap,
     generate_proposals,
-    node_index,
 )
 from ltc_ray.cluster.gcn_ds.settings import PRESETS, ProposalSetting, map_cuts
 from ltc_ray.knn import exact_knn
@@ -134,9 +133,6 @@ def test_deoverlap_equals_the_sequential_definition(data, seed):
     for kw in ({}, {"keep": keep}, {"keep": keep, "keep_threshold": 0.3, "min_score": 0.5}):
         want = sequential_deoverlap(table, scores, len(x), **kw)
         np.testing.assert_array_equal(deoverlap(table, scores, len(x), **kw), want)
-    idx = node_index(table, len(x))
-    assert idx.shape == (len(x), len(SETTINGS))
-    assert all(p in range(len(table)) for p in idx[idx >= 0])
 
 
 def test_map_cuts_keeps_a_cut_between_the_anchors():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltc_ray.models.gcn_e import SLOT_BLOCK, _index_in
+from ltc_ray.models.gcn_e import SLOT_BLOCK, _index_in, masked_inputs
 from ltc_ray.models.gcn_v import ROW_BLOCK, as_tensor
 
 __all__ = [
@@ -111,14 +111,8 @@ class _ProposalGCN(nn.Module):
         """Node features ``(B, S, dims[-1])`` (exactly 0 on padded slots) and ``keep (B, S, 1)``.
         Padded features and their adjacency rows and columns are zeroed first, so whatever
         they hold (even NaN) never reaches a real slot; without a bias they stay 0."""
-        if x.ndim != 3 or x.shape[-1] != self.in_dim:
-            raise ValueError(f"x {tuple(x.shape)} must be (B, S, {self.in_dim})")
+        h, adj, keep = masked_inputs(self, x, adj, mask)
         b, s, _ = x.shape
-        if adj.shape != (b, s, s) or mask.shape != (b, s):
-            raise ValueError(f"adj {tuple(adj.shape)} / mask {tuple(mask.shape)} do not fit x")
-        keep = mask.to(torch.bool).unsqueeze(-1)
-        adj = torch.where(keep & keep.transpose(1, 2), adj, 0.0)
-        h = torch.where(keep, x, 0.0)
         if self.center:  # features minus the proposal's mean (seed, structure columns kept)
             width = self.in_dim - self.extra_inputs - STRUCTURE_COLUMNS * self.structure
             count = keep.sum(dim=1, keepdim=True).clamp(min=1)

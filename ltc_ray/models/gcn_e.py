@@ -59,15 +59,37 @@ class BatchedGraphConv(GraphConvConcat):
         return torch.relu_(out).reshape(b, s, -1)
 
 
-def four_layer_widths(net: nn.Module, in_dim: int, dims: Sequence[int]) -> tuple[int, ...]:
-    """Check and record a 4-layer GCN's input and layer widths on ``net`` (``in_dim``,
-    ``dims``); returns ``(in_dim, *dims)``. GCN-E and L-GCN share this shape."""
+def add_four_layers(net: nn.Module, in_dim: int, dims: Sequence[int]) -> None:
+    """Give ``net`` (GCN-E, L-GCN) its ``in_dim``, ``dims``, the 4 concat GraphConv layers
+    ``conv1..conv4`` and the 2-class head ``classifier``, widths checked."""
     dims = tuple(int(d) for d in dims)
     if in_dim < 1 or len(dims) != 4 or min(dims) < 1:
         raise ValueError(f"in_dim ({in_dim}) and 4 layer widths ({dims}) must be positive")
     net.in_dim = int(in_dim)
     net.dims = dims
-    return (net.in_dim, *dims)
+    widths = (net.in_dim, *dims)
+    net.conv1 = BatchedGraphConv(widths[0], widths[1])
+    net.conv2 = BatchedGraphConv(widths[1], widths[2])
+    net.conv3 = BatchedGraphConv(widths[2], widths[3])
+    net.conv4 = BatchedGraphConv(widths[3], widths[4])
+    net.classifier = nn.Sequential(
+        nn.Linear(widths[-1], widths[-1]), nn.PReLU(widths[-1]), nn.Linear(widths[-1], 2)
+    )
+
+
+def masked_inputs(net: nn.Module, x: Tensor, adj: Tensor, mask: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h, adj, keep (B, S, 1))`` of a padded batch after checking its shapes against
+    ``net.in_dim``: padded features and their adjacency rows and columns zeroed, so
+    whatever they hold (even NaN) never reaches a real slot."""
+    if x.ndim != 3 or x.shape[-1] != net.in_dim:
+        raise ValueError(f"x {tuple(x.shape)} must be (B, S, {net.in_dim})")
+    b, s, _ = x.shape
+    if adj.shape != (b, s, s) or mask.shape != (b, s):
+        raise ValueError(f"adj {tuple(adj.shape)} / mask {tuple(mask.shape)} do not fit x")
+    keep = mask.to(torch.bool).unsqueeze(-1)
+    adj = torch.where(keep & keep.transpose(1, 2), adj, 0.0)
+    return torch.where(keep, x, 0.0), adj, keep
 
 
 class GCNE(nn.Module):
@@ -76,28 +98,15 @@ class GCNE(nn.Module):
 
     def __init__(self, in_dim: int = 512, dims: Sequence[int] = (512, 512, 256, 256)):
         super().__init__()
-        widths = four_layer_widths(self, in_dim, dims)
-        self.conv1 = BatchedGraphConv(widths[0], widths[1])
-        self.conv2 = BatchedGraphConv(widths[1], widths[2])
-        self.conv3 = BatchedGraphConv(widths[2], widths[3])
-        self.conv4 = BatchedGraphConv(widths[3], widths[4])
-        self.classifier = nn.Sequential(
-            nn.Linear(widths[-1], widths[-1]), nn.PReLU(widths[-1]), nn.Linear(widths[-1], 2)
-        )
+        add_four_layers(self, in_dim, dims)
 
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor) -> Tensor:
         """``x (B, S, in_dim)``, row-normalised ``adj (B, S, S)``, ``mask (B, S) bool`` (real
         slots) -> log-probabilities ``(B, S, 2)``; class 1 = "candidate has the centre's
         identity". Padded features and their adjacency rows and columns are zeroed first, so
         whatever they hold (even NaN) never reaches a real slot; their outputs are meaningless."""
-        if x.ndim != 3 or x.shape[-1] != self.in_dim:
-            raise ValueError(f"x {tuple(x.shape)} must be (B, S, {self.in_dim})")
+        h, adj, _ = masked_inputs(self, x, adj, mask)
         b, s, _ = x.shape
-        if adj.shape != (b, s, s) or mask.shape != (b, s):
-            raise ValueError(f"adj {tuple(adj.shape)} / mask {tuple(mask.shape)} do not fit x")
-        keep = mask.to(torch.bool).unsqueeze(-1)
-        adj = torch.where(keep & keep.transpose(1, 2), adj, 0.0)
-        h = torch.where(keep, x, 0.0)
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             h = conv(h, adj)  # padded rows stay finite and their adjacency columns are 0
         # PReLU's per-channel weights act on dim 1, so the head runs on (B·S, C) rows.

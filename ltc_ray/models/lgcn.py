@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from ltc_ray.models.gcn_e import (
     SLOT_BLOCK,
-    BatchedGraphConv,
     FeatsOf,
     RowsOf,
-    four_layer_widths,
+    add_four_layers,
+    masked_inputs,
 )
 from ltc_ray.models.gcn_v import ROW_BLOCK, as_tensor
 
@@ -52,15 +52,8 @@ class LGCN(nn.Module):
 
     def __init__(self, in_dim: int = 256, dims: Sequence[int] = (512, 512, 256, 256)):
         super().__init__()
-        widths = four_layer_widths(self, in_dim, dims)
+        add_four_layers(self, in_dim, dims)
         self.bn0 = nn.BatchNorm1d(self.in_dim, affine=False)
-        self.conv1 = BatchedGraphConv(widths[0], widths[1])
-        self.conv2 = BatchedGraphConv(widths[1], widths[2])
-        self.conv3 = BatchedGraphConv(widths[2], widths[3])
-        self.conv4 = BatchedGraphConv(widths[3], widths[4])
-        self.classifier = nn.Sequential(
-            nn.Linear(widths[-1], widths[-1]), nn.PReLU(widths[-1]), nn.Linear(widths[-1], 2)
-        )
 
     def forward(self, x: Tensor, adj: Tensor, mask: Tensor, hop1_slot: Tensor) -> Tensor:
         """``x (B, S, in_dim)``, row-normalised ``adj (B, S, S)``, ``mask (B, S) bool`` (real
@@ -71,17 +64,12 @@ class LGCN(nn.Module):
         mode it uses the running statistics, so a node's result does not depend on its batch).
         Padded slots' features and adjacency are zeroed first, so whatever they hold never
         reaches a real slot; outputs at ``hop1_slot == -1`` are meaningless."""
-        if x.ndim != 3 or x.shape[-1] != self.in_dim:
-            raise ValueError(f"x {tuple(x.shape)} must be (B, S, {self.in_dim})")
-        b, s, _ = x.shape
-        if adj.shape != (b, s, s) or mask.shape != (b, s):
-            raise ValueError(f"adj {tuple(adj.shape)} / mask {tuple(mask.shape)} do not fit x")
+        h, adj, keep = masked_inputs(self, x, adj, mask)
+        b = x.shape[0]
         if hop1_slot.ndim != 2 or hop1_slot.shape[0] != b:
             raise ValueError(f"hop1_slot {tuple(hop1_slot.shape)} must be ({b}, H)")
-        keep = mask.to(torch.bool)
-        adj = torch.where(keep.unsqueeze(-1) & keep.unsqueeze(1), adj, 0.0)
-        h = x.new_zeros(x.shape)
-        h[keep] = self.bn0(x[keep])
+        keep = keep.squeeze(-1)
+        h[keep] = self.bn0(h[keep])
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             h = conv(h, adj)  # padded rows stay finite and their adjacency columns are 0
         n_hop1 = hop1_slot.shape[1]

@@ -123,8 +123,9 @@ def _link_rows_halo(method: ClusterMethod, manifest: KnnManifest, start: int, st
 
 
 @ray.remote(max_retries=3)
-def _edge_stats(edges: tuple) -> dict:
-    return {"edges": int(len(edges[0])), "forest_edges": int(len(edges[0])),
+def _edge_stats(raw: tuple, merged: tuple) -> dict:
+    """A "stage" linker's partition: its edges and those the merge reads (its forest)."""
+    return {"edges": int(len(raw[0])), "forest_edges": int(len(merged[0])),
             "peak_rss": peak_rss_bytes()}
 
 
@@ -291,10 +292,9 @@ def link_merge_stage(
             out = method.stage_links(LinkStageContext(
                 features, manifest, ranges, scores, cpus, gpus, score_dir, score_meta, so,
                 digests, stage_tools(so)))
-            parents, edges = out.parents, out.edges
-            stat_refs = [_edge_stats.remote(e) for e in edges]
-            if forest:
-                edges = [_forest_of.remote(e, manifest.n_rows) for e in edges]
+            parents, raw = out.parents, out.edges
+            edges = [_forest_of.remote(e, manifest.n_rows) for e in raw] if forest else raw
+            stat_refs = [_edge_stats.remote(r, e) for r, e in zip(raw, edges, strict=True)]
             rec.extra.update(out.stats)
         elif shape.link == "halo" and not _halo_in_tasks(method, manifest):
             context = None

@@ -21,7 +21,6 @@ __all__ = [
     "ProposalTable",
     "deoverlap",
     "generate_proposals",
-    "node_index",
     "row_edges",
     "super_vertex_features",
     "table_from_labels",
@@ -175,16 +174,6 @@ def generate_proposals(x: np.ndarray, knn_ids: np.ndarray, knn_sims: np.ndarray,
         label, sv_count = iteration1_labels(sv_of, sv_ids, sv_sims, setting)
         tables.append(iteration1_table(label, sv_count, setting, index))
     return ProposalTable.stack(tables)
-
-
-def node_index(table: ProposalTable, n: int) -> np.ndarray:
-    """``(n, settings)`` int64: per sample and setting, the global id of the proposal
-    holding it (-1: none); a setting's proposals are disjoint."""
-    n_settings = int(table.setting.max()) + 1 if len(table) else 0
-    out = np.full((n, n_settings), -1, dtype=np.int64)
-    pid = np.repeat(np.arange(len(table)), table.sizes)
-    out[table.members, table.setting[pid]] = pid
-    return out
 
 
 def deoverlap(table: ProposalTable, scores: np.ndarray, n: int,

@@ -28,16 +28,15 @@ __all__ = ["label_links", "resort_by_probability", "score_pivots"]
 def resort_by_probability(knn_ids: np.ndarray, prob: np.ndarray
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``hop1 + 1`` columns: self with 1.0, then the hop-1 neighbours by
-    probability (descending; ties keep the kNN order); empty slots (-1) last with 0."""
+    probability (:func:`~ltc_ray.models.edge_scorer.resort_rows`: descending, ties in kNN
+    order, empty slots (-1) last with 0)."""
+    from ltc_ray.models.edge_scorer import resort_rows
+
     n, h = prob.shape
     ids = knn_ids[:, 1 : h + 1].astype(np.int64)
-    p = np.where(ids >= 0, prob, -1.0)
-    order = np.argsort(-p, axis=1, kind="stable")
-    rows = np.arange(n)[:, None]
-    ids, p = ids[rows, order], p[rows, order]
-    out_ids = np.concatenate([knn_ids[:, :1].astype(np.int64), ids], axis=1)
-    out_p = np.concatenate([np.ones((n, 1), np.float32), np.maximum(p, 0.0)], axis=1)
-    return out_ids, out_p.astype(np.float32)
+    ids, p = resort_rows(ids, np.where(ids >= 0, prob, 0.0))
+    return (np.concatenate([knn_ids[:, :1].astype(np.int64), ids], axis=1),
+            np.concatenate([np.ones((n, 1), np.float32), p], axis=1))
 
 
 def _score_job(actor, fetch, method, index: int, out_dir: str, chunk: int):
