@@ -18,6 +18,18 @@ def blobs(n_per: int, n_clusters: int, dim: int, spread: float, seed: int):
     return x.astype(np.float32), labels.astype(np.int64)
 
 
+def sphere_faces(n_ids: int, per: int, dim: int, seed: int, noise: float = 0.9):
+    """Unit features of ``n_ids`` identities x ``per`` samples: Gaussian clusters around unit
+    centres, noisy enough that kNN rows mix identities (features (n, dim) float32, labels)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_ids, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(n_ids), per)
+    x = centres[labels] + noise * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), labels.astype(np.int64)
+
+
 def write_bin(path: Path, x: np.ndarray, labels: np.ndarray | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.ascontiguousarray(x, dtype="<f4").tofile(path)

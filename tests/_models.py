@@ -90,6 +90,25 @@ def tiny_lgcn(path: Path, in_dim: int, k: int, seed: int = 0) -> str:
     return str(path)
 
 
+def tiny_pse_gcn(path: Path, in_dim: int, k: int, seed: int = 0, hidden: int = 16,
+                 out: int = 16, like: dict | None = None) -> str:
+    """A PSE-GCN model directory with random weights (small subgraphs; ``like``: the
+    shapes and tau of another model's model.json)."""
+    import torch
+
+    from ltc_ray.models.pse_gcn import PSEGCN
+    from ltc_ray.models.store import save_net
+
+    torch.manual_seed(seed)
+    meta = {"k": k, "rerank": {"k1": min(10, k), "k2": 5, "expand": 3, "top": 10},
+            "hop1": 4, "hop2": 2, "local_k": 4, "thresholds": {"tau": 0.0}}
+    if like is not None:
+        meta = {key: like[key] for key in ("k", "rerank", "hop1", "hop2", "local_k",
+                                           "thresholds")}
+    save_net(str(path), PSEGCN(in_dim, (hidden, out)), "pse-gcn", meta)
+    return str(path)
+
+
 def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
     """CLI flags giving ``method`` a tiny model; [] for unsupervised methods. A newly
     registered method that needs a model fails here until it gets a maker."""
@@ -106,6 +125,8 @@ def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
                                       segments=method == "gcn-ds")]
     if method == "lgcn":
         return ["--model", tiny_lgcn(tmp / "lgcn-model", in_dim, k)]
+    if method == "pse-gcn":
+        return ["--model", tiny_pse_gcn(tmp / "pse-gcn-model", in_dim, k)]
     assert not REGISTRY[method].shape.uses_model, (
         f"add a tiny model maker for {method} in tests/_models.py")
     return []

@@ -172,6 +172,27 @@ CASES = [
          "model is a 'gcn-d' model, expected 'lgcn'", "{d}/model-gcn-d-bad"),
     Case("lgcn-model-bad-hop", _cluster("--method", "lgcn", "--model", "{d}/model-lgcn-hop"),
          "invalid model.json: hop1 must be a positive int", "{d}/model-lgcn-hop"),
+    # --- pse-gcn (issue 18)
+    Case("pse-gcn-model-not-given", _cluster("--method", "pse-gcn"),
+         "pse-gcn needs a model trained by jobs/train.py --method pse-gcn", "--model"),
+    Case("pse-gcn-tau-range", _cluster("--method", "pse-gcn", "--set", "methods.pse-gcn.tau=2"),
+         "is a cosine threshold in [-1, 1], got 2", "methods.pse-gcn.tau"),
+    Case("pse-gcn-model-is-lgcn",
+         _cluster("--method", "pse-gcn", "--model", "{d}/model-lgcn-hop"),
+         "model is a 'lgcn' model, expected 'pse-gcn'", "{d}/model-lgcn-hop"),
+    Case("pse-gcn-model-bad-hop",
+         _cluster("--method", "pse-gcn", "--model", "{d}/model-pse-hop"),
+         "invalid model.json: hop2 must be a positive int", "{d}/model-pse-hop"),
+    Case("pse-gcn-model-bad-rerank",
+         _cluster("--method", "pse-gcn", "--model", "{d}/model-pse-rerank"),
+         "invalid model.json: rerank must map k1, k2, expand, top to positive ints",
+         "{d}/model-pse-rerank"),
+    Case("pse-gcn-model-tau-range",
+         _cluster("--method", "pse-gcn", "--model", "{d}/model-pse-tau"),
+         "invalid model.json: thresholds.tau must be a cosine in [-1, 1]", "{d}/model-pse-tau"),
+    Case("train-pse-gcn-folds-one",
+         (*TRAIN, "--output", "{out}", "--method", "pse-gcn", "--tune-folds", "1"),
+         "must be 0 or at least 2, got 1", "--tune-folds", job="train"),
     Case("train-proposals-unknown",
          (*TRAIN, "--output", "{out}", "--method", "gcn-ds", "--proposals", "7"),
          "invalid choice: '7'", "--proposals", job="train"),
@@ -358,6 +379,15 @@ def _models(d: Path) -> None:
              {"k": K, "proposals": [{"k": K, "th": 5.0}]})
     save_net(str(d / "model-lgcn-hop"), LGCN(D, (4, 4, 4, 4)), "lgcn",
              {"k": K, "hop1": 0, "hop2": 2, "active": 2})
+    from ltc_ray.models.pse_gcn import PSEGCN
+
+    pse_meta = {"k": K, "rerank": {"k1": K, "k2": 2, "expand": 2, "top": K}, "hop1": 2,
+                "hop2": 2, "local_k": 2, "thresholds": {"tau": 0.5}}
+    save_net(str(d / "model-pse-hop"), PSEGCN(D, (4, 4)), "pse-gcn", {**pse_meta, "hop2": -1})
+    save_net(str(d / "model-pse-rerank"), PSEGCN(D, (4, 4)), "pse-gcn",
+             {**pse_meta, "rerank": {"k1": "80"}})
+    save_net(str(d / "model-pse-tau"), PSEGCN(D, (4, 4)), "pse-gcn",
+             {**pse_meta, "thresholds": {"tau": 3.0}})
     pickled = d / "model-pickle"
     save_model(str(pickled), GCNV(D, 4), {"k": K})
     state = dict(GCNV(D, 4).state_dict())

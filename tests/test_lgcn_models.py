@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
-from _data import random_knn
+from _data import random_knn, sphere_faces
 
 from ltc_ray.knn import exact_knn
 from ltc_ray.models.lgcn import LGCN, edge_probabilities, ips_batch, ips_sizes
@@ -24,17 +26,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def faces(n_ids: int, per: int, dim: int, seed: int, noise: float = 0.9):
-    """Unit features of ``n_ids`` identities x ``per`` samples: Gaussian clusters around unit
-    centres, noisy enough that kNN rows mix identities (k 20, 15 per identity: about 70%
-    of the (pivot, neighbour) pairs are same-identity, cosine alone ranks them at AUC 0.9)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_ids, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(n_ids), per)
-    x = centres[labels] + noise * rng.standard_normal((len(labels), dim)) / np.sqrt(dim)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels.astype(np.int64)
+# identities as Gaussian blobs on the sphere, noisy enough that kNN rows mix them
+faces = functools.partial(sphere_faces, noise=0.9)
 
 
 def serve(ids, feats, calls=None):

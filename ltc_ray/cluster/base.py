@@ -83,7 +83,9 @@ class Shape:
     # stage emits, or a second kNN over the input features with ``link_k`` neighbours
     link_graph: LinkGraph = "scored"
     link_k: int | None = None  # k of a second graph (None: the config's knn.k)
-    node_features: bool = False  # a "halo" score also emits node features (ScoreOutput)
+    # a "halo" score (ScoreOutput) or a "rescore" stage (RescoreOutput) also emits node
+    # features (written as parts under the context's ``feature_dir``)
+    node_features: bool = False
     # link "halo": the actors also serve the neighbours' node features (else only rows)
     link_halo_features: bool = False
     link_reduce: bool = False  # link "halo": ``link_context`` over all scores first
@@ -193,16 +195,22 @@ class RescoreContext:
     resources: dict = field(default_factory=dict)  # the cluster's resources (Ray)
     seed: int = 0
     tools: StageTools = field(default_factory=StageTools)
+    # where a "rescore" stage whose shape emits ``node_features`` writes them
+    # (:func:`ltc_ray.io.features.write_feature_part`, one part per partition)
+    feature_dir: str | None = None
 
 
 @dataclass
 class RescoreOutput:
-    """Per-partition score refs, the re-scored graph (its manifest, saved) and stats
-    (``actor_peak_rss_bytes`` a list, the rest recorded as is)."""
+    """Per-partition score refs, the re-scored graph (its manifest, saved), stats
+    (``actor_peak_rss_bytes`` a list, the rest recorded as is) and, when the shape emits
+    ``node_features``, the parts written under ``feature_dir`` and their width."""
 
     scores: list
     graph: Any
     stats: dict = field(default_factory=dict)
+    feature_parts: list | None = None
+    feature_width: int = 0
 
 
 @dataclass

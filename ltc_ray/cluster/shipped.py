@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ltc_ray.errors import InputError
+
 
 class ShippedNet:
     """``build()`` makes the empty module (a picklable callable, e.g.
@@ -28,3 +30,22 @@ class ShippedNet:
             net.eval()
             self._net = net
         return self._net
+
+
+def load_trained_net(method: str, model_uri: str, storage_options: dict | None = None
+                     ) -> tuple[ShippedNet, dict]:
+    """The model ``jobs/train.py --method <method>`` wrote at ``model_uri`` (a kind of
+    :data:`ltc_ray.models.store.NETS` named like the method), ready to ship to workers,
+    and its model.json; no model given is an InputError naming the flag."""
+    import functools
+    import importlib
+
+    from ltc_ray.models.store import NETS, load_net
+
+    if not model_uri:
+        raise InputError("--model", f"{method} needs a model trained by jobs/train.py "
+                                    f"--method {method}")
+    model, meta = load_net(model_uri, method, storage_options=storage_options)
+    module, name = NETS[method]
+    cls = getattr(importlib.import_module(module), name)
+    return ShippedNet(model, functools.partial(cls, model.in_dim, model.dims)), meta

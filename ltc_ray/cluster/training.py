@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ltc_ray.cluster.components import merge_edges
+from ltc_ray.errors import InputError
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
 from ltc_ray.io.features import FeatureInfo, read_features
 from ltc_ray.io.labels import read_labels
@@ -40,6 +41,18 @@ class TrainContext:
     @property
     def storage_options(self) -> dict | None:
         return self.info.storage_options
+
+
+def positive_flags(cfg: Any, options: dict, flags: dict[str, str]) -> Any:
+    """Set ``cfg.<attr>`` from each train flag in ``flags`` (flag -> attr) that was given;
+    a value <= 0 is an InputError naming the flag. Returns ``cfg``."""
+    for flag, attr in flags.items():
+        value = options.get(flag)
+        if value is not None:
+            if value <= 0:
+                raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
+            setattr(cfg, attr, value)
+    return cfg
 
 
 def tune_threshold(labels: np.ndarray, edges_at, grid: tuple[float, float, float] = TAU_GRID

@@ -147,7 +147,7 @@ def load_edge_scorer(
 
 # models written by :func:`save_net`: method -> (module, class) (imported when loaded)
 NETS = {"gcn-d": ("ltc_ray.models.gcn_ds", "GCND"), "gcn-s": ("ltc_ray.models.gcn_ds", "GCNS"),
-        "lgcn": ("ltc_ray.models.lgcn", "LGCN")}
+        "lgcn": ("ltc_ray.models.lgcn", "LGCN"), "pse-gcn": ("ltc_ray.models.pse_gcn", "PSEGCN")}
 
 
 def save_net(uri: str, model: torch.nn.Module, method: str, meta: dict,

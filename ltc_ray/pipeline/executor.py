@@ -17,7 +17,8 @@ graph_stats     when a parameter is ``auto`` or a model was trained on another g
                 count); the label-free rules derive the values from them
 score           "rows": a task per partition; "halo": partition actors with the
                 one-hop halo (node features written when the shape emits them);
-                "rescore": the method's own stage (writes a re-scored graph)
+                "rescore": the method's own stage (writes a re-scored graph, and node
+                features when the shape emits them)
 knn_features    link_graph "node-features" / "input": a second sharded kNN
 link + merge    "rows": a task per partition; "halo": link actors serving the
                 neighbours' rows (and features); "whole-graph": one task
@@ -428,14 +429,23 @@ class Run:
                              rescored_dir if shape.score == "rescore" else stage_dir,
                              knn_config=self.config.knn, resources=self.resources,
                              seed=int(self.config.seed),
-                             tools=stage_tools(so, self.resources, int(self.config.seed)))
+                             tools=stage_tools(so, self.resources, int(self.config.seed)),
+                             feature_dir=feature_dir if shape.node_features else None)
         if shape.score in ("rescore", "stage"):
             _remove(ctx.out_dir, so)
             with stages.stage("score", rows=n) as rec:
                 if shape.score == "rescore":
+                    if shape.node_features:
+                        _remove(feature_dir, so)
                     out = method.rescore_graph(ctx)
                     graph = out.graph
                     artifacts.update(graph_artifacts(graph))
+                    if shape.node_features:  # the parts manifest and every part file
+                        write_parts_manifest(parts_uri, out.feature_width, out.feature_parts,
+                                             so)
+                        artifacts.update(dict.fromkeys(
+                            [parts_uri, *(join_uri(feature_dir, part[2])
+                                          for part in out.feature_parts)]))
                 else:
                     out = method.stage_scores(ctx)
                     artifacts.update(dict.fromkeys(out.artifacts))

@@ -20,6 +20,7 @@ from ltc_ray.cluster.base import HaloPartition, LinkHaloPartition, halo_fits
 from ltc_ray.cluster.components import spanning_forest
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.graph.rerank import csr_take
 from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
 from ltc_ray.runtime import (
     delay_for_tests,
@@ -133,35 +134,84 @@ class LinkActor:
         self.knn_ids, self.knn_sims = read_knn_rows(manifest, start, stop, so)
         # methods that only need the neighbours' rows (TPDi) link without features
         self.x = read_features(info, start, stop) if info is not None else None
+        # a stage's own per-node results kept between its phases (:meth:`keep`), served to
+        # the other actors by :meth:`kept_rows`; the peers of the current :meth:`run`
+        self.state: dict = {}
+        self.peers: tuple | None = None
 
-    def rows(self, ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """Features (None without features) and kNN rows of owned nodes ``ids``."""
+    def rows(self, ids: np.ndarray, features: bool = True
+             ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Features (None without features, or not asked for) and kNN rows of owned nodes
+        ``ids``."""
         local = np.asarray(ids, dtype=np.int64) - self.start
-        feats = self.x[local] if self.x is not None else None
+        feats = self.x[local] if self.x is not None and features else None
         return feats, self.knn_ids[local], self.knn_sims[local]
 
-    def _fetch(self, needed: np.ndarray, actors: list, bounds: np.ndarray, index: int):
-        """Features (None without) and kNN rows of the sorted distinct nodes ``needed``:
-        own rows from this actor, the others' from their owners."""
+    def _fetch(self, needed: np.ndarray, actors: list, bounds: np.ndarray, index: int,
+               features: bool = True):
+        """Features (None without, or not asked for) and kNN rows of the sorted distinct
+        nodes ``needed``: own rows from this actor, the others' from their owners."""
         owner = np.searchsorted(bounds, needed, side="right") - 1
+        features = features and self.x is not None
         feats = (np.empty((len(needed), self.x.shape[1]), dtype=np.float32)
-                 if self.x is not None else None)
+                 if features else None)
         rows_ids = np.empty((len(needed), self.knn_ids.shape[1]), dtype=self.knn_ids.dtype)
         rows_sims = np.empty((len(needed), self.knn_ids.shape[1]), dtype=np.float32)
         mine = np.nonzero(owner == index)[0]
         wanted = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner) if p != index]
-        fetched = ray.get([actors[p].rows.remote(needed[pos]) for p, pos in wanted])
-        for pos, (f, ri, rs) in [(mine, self.rows(needed[mine]))] + [
+        fetched = ray.get([actors[p].rows.remote(needed[pos], features) for p, pos in wanted])
+        for pos, (f, ri, rs) in [(mine, self.rows(needed[mine], features))] + [
                 (pos, got) for (_, pos), got in zip(wanted, fetched, strict=True)]:
             rows_ids[pos], rows_sims[pos] = ri, rs
             if feats is not None:
                 feats[pos] = f
         return feats, rows_ids, rows_sims
 
-    def lookups(self, needed: np.ndarray, actors: list, bounds: np.ndarray, index: int):
+    def keep(self, key: str, value) -> None:
+        """Keep a stage's per-node result for the owned rows: an array of ``n`` rows, or a
+        CSR pair ``(indptr (n+1,), indices)`` of variable-length rows."""
+        self.state[key] = value
+
+    def kept_rows(self, key: str, ids: np.ndarray):
+        """Rows ``ids`` (owned, global) of what :meth:`keep` holds under ``key``: an array's
+        rows, or a CSR pair of those rows in the order asked."""
+        value = self.state[key]
+        local = np.asarray(ids, dtype=np.int64) - self.start
+        if isinstance(value, tuple):
+            return csr_take(value[0], value[1], local)
+        return value[local]
+
+    def gather_kept(self, key: str, needed: np.ndarray):
+        """What every owner keeps under ``key`` for the sorted distinct nodes ``needed``
+        (rows in that order; a CSR pair for variable-length rows); only within a
+        :meth:`run` (it knows the peers)."""
+        if self.peers is None:
+            raise RuntimeError("gather_kept() runs only inside run()")
+        actors, bounds, index = self.peers
+        needed = np.asarray(needed, dtype=np.int64)
+        owner = np.searchsorted(bounds, needed, side="right") - 1
+        groups = [(p, np.nonzero(owner == p)[0]) for p in np.unique(owner)]
+        remote = {p: actors[p].kept_rows.remote(key, needed[pos])
+                  for p, pos in groups if p != index}
+        got = [self.kept_rows(key, needed[pos]) if p == index else ray.get(remote[p])
+               for p, pos in groups]
+        order = np.concatenate([pos for _, pos in groups]) if groups else np.zeros(0, np.int64)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        if isinstance(self.state[key], tuple):
+            indptr = np.concatenate([[0], np.cumsum(np.concatenate(
+                [np.diff(g[0]) for g in got]) if got else [])]).astype(np.int64)
+            indices = np.concatenate([g[1] for g in got]) if got else np.zeros(0, np.int64)
+            return csr_take(indptr, indices, back)
+        stacked = np.concatenate(got) if got else self.state[key][:0]
+        return stacked[back]
+
+    def lookups(self, needed: np.ndarray, actors: list, bounds: np.ndarray, index: int,
+                features: bool = True):
         """``(feats_of, rows_of)`` over the sorted distinct nodes ``needed``, fetched once
-        (``feats_of`` None without features); asking for any other node is a KeyError."""
-        feats, rows_ids, rows_sims = self._fetch(needed, actors, bounds, index)
+        (``feats_of`` None without features or when not asked for); asking for any other
+        node is a KeyError."""
+        feats, rows_ids, rows_sims = self._fetch(needed, actors, bounds, index, features)
 
         def lookup(query) -> np.ndarray:
             query = np.asarray(query, dtype=np.int64)
@@ -178,11 +228,15 @@ class LinkActor:
         return ((lambda q: feats[lookup(q)]) if feats is not None else None), rows_of
 
     def run(self, job, actors: list, bounds: np.ndarray, index: int, *args):
-        """``job(actor, fetch, *args)`` on this actor, where ``fetch(needed)`` gives the
-        :meth:`lookups` of any sorted distinct nodes: a method's own work over other
-        partitions' rows (proposal members, pivot subgraphs); returns what it returns."""
+        """``job(actor, fetch, *args)`` on this actor, where ``fetch(needed, features=True)``
+        gives the :meth:`lookups` of any sorted distinct nodes: a method's own work over
+        other partitions' rows (proposal members, pivot subgraphs); returns what it returns.
+        A job may :meth:`keep` results for a later job, which reads any node's with
+        :meth:`gather_kept` (run the jobs of one phase on every actor before the next)."""
         delay_for_tests("link")
-        return job(self, lambda needed: self.lookups(needed, actors, bounds, index), *args)
+        self.peers = (actors, bounds, index)
+        return job(self, lambda needed, features=True: self.lookups(
+            needed, actors, bounds, index, features), *args)
 
     def link(self, method, actors: list, bounds: np.ndarray, index: int, forest: bool,
              context, *score_parts):

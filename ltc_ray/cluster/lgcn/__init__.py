@@ -13,7 +13,6 @@ or ``step`` reuses the probabilities. Its trainer is :mod:`.train`.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ from ltc_ray.cluster.base import (
     register,
 )
 from ltc_ray.cluster.lgcn.plan import plan_stages
-from ltc_ray.cluster.shipped import ShippedNet
+from ltc_ray.cluster.shipped import load_trained_net
 from ltc_ray.errors import InputError
 from ltc_ray.params import ROWS, Range, param
 from ltc_ray.plan_model import PlanContext, PlanStage
@@ -64,16 +63,9 @@ class LGCNMethod(ClusterMethod):
 
     def load(self) -> None:
         p = self.params
-        if not p.model:
-            raise InputError("--model", "lgcn needs a model trained by jobs/train.py "
-                                        "--method lgcn")
-        from ltc_ray.models.lgcn import LGCN
-        from ltc_ray.models.store import load_net
-
-        model, meta = load_net(p.model, "lgcn", storage_options=self.storage_options)
+        self.net, meta = load_trained_net(self.name, p.model, self.storage_options)
         self.meta = meta
         self.in_dim = int(meta["in_dim"])
-        self.net = ShippedNet(model, functools.partial(LGCN, model.in_dim, model.dims))
         for key in ("hop1", "hop2", "active"):
             value = meta.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

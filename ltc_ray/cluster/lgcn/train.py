@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import ray
 
-from ltc_ray.cluster.training import TrainContext, load_split
+from ltc_ray.cluster.training import TrainContext, load_split, positive_flags
 from ltc_ray.errors import InputError
 from ltc_ray.graph.knn_graph import KnnManifest
 from ltc_ray.io.features import FeatureInfo
@@ -25,13 +25,8 @@ def train_config(options: dict, seed: int):
     """L-GCN's training config from the train job's flags."""
     from ltc_ray.models.train_lgcn import TrainLConfig
 
-    cfg = TrainLConfig(seed=seed)
-    for flag, attr in (("epochs", "epochs"), ("lr", "lr"), ("batch_rows", "batch_size")):
-        value = options.get(flag)
-        if value is not None:
-            if value <= 0:
-                raise InputError(f"--{flag.replace('_', '-')}", f"must be positive, got {value}")
-            setattr(cfg, attr, value)
+    cfg = positive_flags(TrainLConfig(seed=seed), options,
+                         {"epochs": "epochs", "lr": "lr", "batch_rows": "batch_size"})
     hidden = options.get("hidden")
     if hidden is not None:
         if hidden <= 0:
