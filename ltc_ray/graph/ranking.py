@@ -20,3 +20,13 @@ def higher_ranked(
 def first_true(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column of the first True per row and whether any exists."""
     return mask.argmax(axis=1), mask.any(axis=1)
+
+
+def sorted_positions(needed: np.ndarray, query) -> np.ndarray:
+    """Positions of ``query`` ids in the sorted distinct ``needed``; an id outside it is a
+    KeyError (a worker asked for a node it never fetched)."""
+    query = np.asarray(query, dtype=np.int64)
+    pos = np.searchsorted(needed, query)
+    if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)] != query).any():
+        raise KeyError("a node outside the fetched neighbourhood was requested")
+    return pos

@@ -20,6 +20,7 @@ from ltc_ray.cluster.base import HaloPartition, LinkHaloPartition, halo_fits
 from ltc_ray.cluster.components import spanning_forest
 from ltc_ray.graph.adjacency import adjacency_rows, directed_edges
 from ltc_ray.graph.knn_graph import KnnManifest, read_knn_rows
+from ltc_ray.graph.ranking import sorted_positions
 from ltc_ray.graph.rerank import csr_take
 from ltc_ray.io.features import FeatureInfo, read_features, write_feature_part
 from ltc_ray.runtime import (
@@ -214,12 +215,7 @@ class LinkActor:
         feats, rows_ids, rows_sims = self._fetch(needed, actors, bounds, index, features)
 
         def lookup(query) -> np.ndarray:
-            query = np.asarray(query, dtype=np.int64)
-            pos = np.searchsorted(needed, query)
-            if (pos >= len(needed)).any() or (needed[np.minimum(pos, len(needed) - 1)]
-                                               != query).any():
-                raise KeyError("a node outside the fetched neighbourhood was requested")
-            return pos
+            return sorted_positions(needed, query)
 
         def rows_of(query):
             pos = lookup(query)

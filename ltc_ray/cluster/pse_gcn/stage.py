@@ -25,6 +25,7 @@ import ray
 
 from ltc_ray.cluster.base import RescoreContext, RescoreOutput
 from ltc_ray.graph.knn_graph import KnnManifest, block_file, save_manifest
+from ltc_ray.graph.ranking import sorted_positions
 from ltc_ray.graph.rerank import expanded_sets, jaccard_rerank, reciprocal_masks
 from ltc_ray.io.features import write_feature_part
 from ltc_ray.io.fs import join_uri
@@ -126,9 +127,7 @@ def _embed_job(actor, fetch, method, chunk: int, feature_dir: str, index: int):
         rr_first = kept_rerank(first)
 
         def rerank_of(q, first=first, rr_first=rr_first):
-            pos = np.searchsorted(first, q)
-            if (pos >= len(first)).any() or (first[np.minimum(pos, len(first) - 1)] != q).any():
-                raise KeyError("a node outside the fetched neighbourhood was requested")
+            pos = sorted_positions(first, q)
             return rr_first[0][pos], rr_first[1][pos]
 
         nodes, _ = subgraph_nodes(centres, rerank_of, hop1, hop2)
