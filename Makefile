@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python jobs/demo.py --scale $(SCALE)
 
-test: setup
+# the browser test drives Debian's chromium through chromedriver (never a downloaded browser)
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver; fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q tests
 
 lint: setup

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO
 
+from ltc_ray.cli import VERBS
 from ltc_ray.errors import FAISS_INSTALL, MissingDependency
 
 NO_FAISS_LINE = f"error: faiss is not installed: {FAISS_INSTALL}"
@@ -71,7 +72,25 @@ def test_every_verbs_help_works_without_faiss(no_faiss_env):
     proc = subprocess.run([PYTHON, "-c", script], cwd=REPO, env=no_faiss_env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("usage:") >= 7 and proc.stdout.strip().endswith("ok 7")
+    assert proc.stdout.count("usage:") >= len(VERBS) >= 11
+    assert proc.stdout.strip().endswith(f"ok {len(VERBS)}")
+
+
+def test_serve_without_the_ui_extra_says_which_extra(tmp_path):
+    """``pip install .`` without ``[ui]``: ``ltc-ray serve`` exits 1 with one line naming
+    the extra (fastapi hidden the way faiss is above); its --help still works."""
+    shadow = tmp_path / "no_fastapi"
+    shadow.mkdir()
+    (shadow / "fastapi.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'fastapi'\", name='fastapi')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(shadow), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([PYTHON, "-m", "ltc_ray.cli", "serve", "--results", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: fastapi is not installed: pip install 'ltc-ray[ui]'"), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_broken_faiss_says_so_and_names_the_extra():

@@ -6,8 +6,9 @@ names are compared only inside ``ltc_ray/cluster``.
 Layers, lowest first (a module may import its own layer or a lower one):
 
 0. base: ltc_ray, errors, redact, params, plan_model, runtime, io, knn, graph, metrics,
-   synthetic
-1. models  2. cluster (methods)  3. config  4. pipeline  5. cli
+   synthetic, embed (images -> embeddings), export (folder layout)
+1. models  2. cluster (methods)  3. config, report (a run's overview, HTML)  4. pipeline
+5. serve (the results browser)  6. cli
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ltc_ray"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("ltc_ray", "ltc_ray.errors", "ltc_ray.redact", "ltc_ray.params", "ltc_ray.plan_model",
      "ltc_ray.runtime", "ltc_ray.io", "ltc_ray.knn", "ltc_ray.graph", "ltc_ray.metrics",
-     "ltc_ray.synthetic"),
+     "ltc_ray.synthetic", "ltc_ray.embed", "ltc_ray.export"),
     ("ltc_ray.models",),
     ("ltc_ray.cluster",),
-    ("ltc_ray.config",),
+    ("ltc_ray.config", "ltc_ray.report"),  # report reads which parameters are cosines
     ("ltc_ray.pipeline",),
+    ("ltc_ray.serve",),  # the web page over results; runs re-clusters as cluster jobs
     ("ltc_ray.cli",),  # the package: one module per verb (demo included)
 )
-HEAVY = frozenset({"torch", "faiss", "ray"})  # the imports a cheap path must not pay for
+# the imports a cheap path must not pay for, and optional extras (ui, onnx) it must not need
+HEAVY = frozenset({"torch", "faiss", "ray", "fastapi", "starlette", "uvicorn", "onnxruntime"})
 
 
 @dataclass(frozen=True)

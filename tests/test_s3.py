@@ -382,6 +382,22 @@ def test_a_message_that_would_carry_a_secret_prints_it_masked(s3, capsys):
     )
 
 
+def test_storage_options_from_the_environment_are_masked_too(s3, capsys, monkeypatch):
+    """$LTC_RAY_STORAGE_OPTIONS stands in for --storage-options (credentials kept out of
+    argv, where ps shows them): the same options reach storage, and the same masking holds."""
+    from ltc_ray.cli import run_verb
+
+    monkeypatch.setenv("LTC_RAY_STORAGE_OPTIONS", json.dumps(_options(s3.endpoint)))
+    pred = f"s3://{BUCKET}/{SECRET}/run"
+    code = run_verb("evaluate", ["--pred", pred, "--labels", "x.meta"])
+    err = capsys.readouterr().err
+    assert code == 2 and SECRET not in err
+    assert err.strip().endswith("no _SUCCESS marker: the run did not finish, refusing to read it")
+    monkeypatch.setenv("LTC_RAY_STORAGE_OPTIONS", "[]")
+    assert run_verb("evaluate", ["--pred", pred, "--labels", "x.meta"]) == 2
+    assert "LTC_RAY_STORAGE_OPTIONS: must be a JSON object" in capsys.readouterr().err
+
+
 def test_storage_server_stopped_mid_run_fails_without_success(s3):
     """The output's S3 endpoint goes away after the kNN stage started: the job exits 1
     with one line naming the storage error, and no _SUCCESS (nor any output) exists."""

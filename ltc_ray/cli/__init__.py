@@ -16,8 +16,12 @@ from collections.abc import Callable, Sequence
 from ltc_ray.cli.args import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from ltc_ray.cli.cluster import cluster_dry_run, cluster_main, cluster_parser
 from ltc_ray.cli.demo import demo_main, demo_parser
+from ltc_ray.cli.embed import embed_main, embed_parser
 from ltc_ray.cli.evaluate import evaluate_main, evaluate_parser
 from ltc_ray.cli.export import export_main, export_parser
+from ltc_ray.cli.folders import folders_main, folders_parser
+from ltc_ray.cli.report import report_main, report_parser
+from ltc_ray.cli.serve import serve_main, serve_parser
 from ltc_ray.cli.synthetic import synthetic_main, synthetic_parser
 from ltc_ray.cli.train import train_main, train_parser
 from ltc_ray.cli.tune import tune_main, tune_parser
@@ -26,9 +30,10 @@ from ltc_ray.redact import RedactingFormatter, redact
 
 __all__ = [
     "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "VERBS", "cluster_dry_run", "cluster_main",
-    "cluster_parser", "demo_main", "demo_parser", "evaluate_main", "evaluate_parser",
-    "export_main", "export_parser", "main", "run_verb", "synthetic_main", "synthetic_parser",
-    "train_main", "train_parser", "tune_main", "tune_parser",
+    "cluster_parser", "demo_main", "demo_parser", "embed_main", "embed_parser", "evaluate_main",
+    "evaluate_parser", "export_main", "export_parser", "folders_main", "folders_parser",
+    "report_main", "report_parser", "serve_main", "serve_parser", "main", "run_verb",
+    "synthetic_main", "synthetic_parser", "train_main", "train_parser", "tune_main", "tune_parser",
 ]
 
 log = logging.getLogger("ltc_ray")
@@ -40,6 +45,11 @@ VERBS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "tune": (tune_main, "pick a method's threshold on a labelled split (jobs/tune.py)"),
     "train": (train_main, "train a learned method on a labelled split (jobs/train.py)"),
     "export-knn": (export_main, "export a kNN graph as faiss_k_<k>.npz (jobs/export_knn.py)"),
+    "embed": (embed_main, "embed images with a user-supplied model (jobs/embed.py)"),
+    "export-folders": (folders_main,
+                       "write a result as img_names.txt folders (jobs/export_folders.py)"),
+    "report": (report_main, "write a run's overview as one static HTML file"),
+    "serve": (serve_main, "browse results in a web page (binds 127.0.0.1 by default)"),
     "demo": (demo_main, "synthetic data -> tune -> cluster -> table (jobs/demo.py)"),
 }
 

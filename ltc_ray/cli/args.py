@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ltc_ray.cluster import REGISTRY
 from ltc_ray.config import Config, check_flag, check_method_name, load_config, validate
 from ltc_ray.errors import InputError, storage_errors
-from ltc_ray.io.fs import uri_exists
+from ltc_ray.io.fs import STORAGE_OPTIONS_ENV, uri_exists
 from ltc_ray.io.layout import part_name, part_paths
 from ltc_ray.redact import register_storage_options
 
@@ -38,12 +39,24 @@ def _json_object(flag: str, text: str, what: str = "a JSON object") -> dict:
 
 
 def _storage_options(text: str | None) -> dict | None:
-    """``--storage-options`` parsed, its secrets registered for redaction."""
+    """``--storage-options`` parsed (or, without the flag, ``$LTC_RAY_STORAGE_OPTIONS``, which
+    keeps credentials out of the process list and shell history), its secrets registered
+    for redaction."""
+    flag = "--storage-options"
+    if not text:
+        text, flag = os.environ.get(STORAGE_OPTIONS_ENV), STORAGE_OPTIONS_ENV
     if not text:
         return None
-    value = _json_object("--storage-options", text)
+    value = _json_object(flag, text)
     register_storage_options(value)  # its secrets are masked in every message and log line
     return value
+
+
+def add_storage_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--storage-options``, the same flag (and environment fallback) on every verb."""
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="fsspec storage options as JSON (endpoint, region, ...); default "
+                   f"${STORAGE_OPTIONS_ENV}, which keeps credentials out of the process list")
 
 
 def _add_input_args(p: argparse.ArgumentParser, labels_help: str) -> None:
@@ -54,8 +67,7 @@ def _add_input_args(p: argparse.ArgumentParser, labels_help: str) -> None:
     src.add_argument("--features", help="feature file URI: .bin, .npy or .parquet")
     src.add_argument("--labels", help=labels_help)
     src.add_argument("--dim", type=int, help="feature dimension of a .bin file (default 256)")
-    src.add_argument("--storage-options", metavar="JSON",
-                     help="fsspec storage options as JSON (endpoint, region, ...)")
+    add_storage_options(src)
 
 
 def _add_run_args(p: argparse.ArgumentParser, work_dir_default: str) -> None:

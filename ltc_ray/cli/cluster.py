@@ -19,6 +19,7 @@ from ltc_ray.cli.args import (
 from ltc_ray.errors import InputError, storage_errors
 from ltc_ray.io.features import DEFAULT_BIN_DIM, feature_format, inspect_features
 from ltc_ray.metrics.report import metrics_table
+from ltc_ray.report.html import write_report
 
 
 def cluster_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,8 @@ def cluster_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory for learned methods (jobs/train.py output; "
                    "its method is used unless --method says otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace a completed output")
+    p.add_argument("--report", action="store_true", help="at the end, write the run's "
+                   "overview as one static HTML file, <output>/report.html (ltc-ray report)")
     plan = p.add_argument_group("planning (--dry-run: print the plan, compute and write nothing)")
     plan.add_argument("--dry-run", action="store_true",
                       help="print input size, kNN layout, partitions, per-worker memory and "
@@ -93,6 +96,9 @@ def cluster_main(argv: Sequence[str]) -> int:
     """``cluster``: the cheap checks, then the job on Ray; prints the result's summary."""
     args = cluster_parser().parse_args(argv)
     if args.dry_run:
+        if args.report:
+            raise InputError("--report", "writes a finished run's report; --dry-run runs "
+                             "nothing")
         return cluster_dry_run(args)
     for flag, value in (("--resources", args.resources), ("--rows", args.rows)):
         if value is not None:
@@ -111,6 +117,9 @@ def cluster_main(argv: Sequence[str]) -> int:
     )
     record = run_job(spec)
     _print_result(record, output)
+    if args.report:  # after the commit: the report reads the result as any reader does
+
+        print(f"report: {write_report(output, spec.storage_options)}")
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ltc_ray.cli.args import EXIT_OK, _Parser, _storage_options
+from ltc_ray.cli.args import EXIT_OK, _Parser, _storage_options, add_storage_options
 from ltc_ray.errors import InputError, brief
 from ltc_ray.io.fs import url_to_fs
 from ltc_ray.io.labels import read_labels
@@ -25,7 +25,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="labels (.meta), one integer per line")
     p.add_argument("--json", help="also write the metrics to this file (a new path, or a "
                    "metrics file evaluate wrote; never inside a result directory)")
-    p.add_argument("--storage-options", metavar="JSON")
+    add_storage_options(p)
     return p
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ltc_ray.cli.args import EXIT_OK, _Parser, _storage_options
+from ltc_ray.cli.args import EXIT_OK, _Parser, _storage_options, add_storage_options
 from ltc_ray.graph.knn_graph import export_ltc_npz
 
 
@@ -23,7 +23,7 @@ def export_parser() -> argparse.ArgumentParser:
                    "its <output>.ltc-ray.json marker must still match the file's size, "
                    "modification time and (object stores) ETag; any other file is refused, "
                    "flag or not")
-    p.add_argument("--storage-options", metavar="JSON")
+    add_storage_options(p)
     return p
 
 

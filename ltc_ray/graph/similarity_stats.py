@@ -38,6 +38,7 @@ FAR_RANK = 79  # the "far" anchor's rank (capped at k - 1): k = 80 is the defaul
 STATISTICS = ("r<rank>", "far", "all")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 SUMMARY_RANKS = (1, 2, 5, 10, 20, 40)  # the ranks a summary (run.json, model.json) lists
+SUMMARY_BINS = 100  # a summary's coarse histograms (reports): sums of BINS // 100 fine bins
 # a trained model's graph vs the one it runs on: an anchor moved by more than this
 SHIFT_TOLERANCE = 0.05
 # near - far below this: the rows hardly leave the identity (auto's premise does not hold)
@@ -125,15 +126,27 @@ class SimilarityStats:
         """``near`` (median similarity at rank 1) and ``far`` (median at the far rank)."""
         return {"near": self.anchor("r1:0.5"), "far": self.anchor("far:0.5")}
 
+    def coarse_histogram(self, bins: int = SUMMARY_BINS) -> dict:
+        """Counts of "all", "r1" and "far" in ``bins`` equal bins over [-1, 1]: sums of
+        the fine bins, so exact and identical for any partitioning (the report's plot)."""
+        if BINS % bins:
+            raise ValueError(f"bins must divide {BINS}, got {bins}")
+        out: dict = {"lo": -1.0, "hi": 1.0, "bins": bins}
+        for name in ("all", "r1", "far"):
+            row = self._row(name)[0] if self.ranks else np.zeros(BINS, np.int64)
+            out[name] = [int(c) for c in row.reshape(bins, BINS // bins).sum(axis=1)]
+        return out
+
     def summary(self) -> dict:
         """What ``run.json`` and a model's ``model.json`` record: anchors, rank
-        quantiles, edge count."""
+        quantiles, edge count, coarse histograms (:meth:`coarse_histogram`)."""
         names = [f"r{r}" for r in self.ranks if r in SUMMARY_RANKS or r == self.far_rank]
         names.append("all")
         quantiles = {name: [self.quantile(name, p) for p in QUANTILES] for name in names}
         anchors = self.anchors()
         out = {"k": self.k, "far_rank": self.far_rank, "edges": int(self.counts[-1].sum()),
-               "quantiles_at": list(QUANTILES), "rank_quantiles": quantiles, **anchors}
+               "quantiles_at": list(QUANTILES), "rank_quantiles": quantiles, **anchors,
+               "histogram": self.coarse_histogram()}
         if anchors["near"] - anchors["far"] < NARROW_GAP:
             out["warning"] = (
                 f"the far anchor ({anchors['far']:.3f} at rank {self.far_rank}) is within "

@@ -26,11 +26,16 @@ __all__ = [
     "list_known_tree",
     "open_uri",
     "read_bytes_range",
+    "STORAGE_OPTIONS_ENV",
     "require_file",
     "uri_exists",
     "url_to_fs",
     "write_bytes_atomic",
 ]
+
+
+# ``--storage-options`` as an environment variable: credentials kept out of argv (and ps)
+STORAGE_OPTIONS_ENV = "LTC_RAY_STORAGE_OPTIONS"
 
 
 def url_to_fs(

@@ -40,7 +40,12 @@ CLUSTERS_DIR = "clusters"
 SUMMARY = "cluster_summary.parquet"
 METRICS = "metrics.json"
 RUN = "run.json"
-OUTPUT_NAMES = {CLUSTERS_DIR, SUMMARY, METRICS, RUN, SUCCESS, COMMITTING, LOCK}
+# ``ltc-ray report`` writes this beside a committed result (after its _SUCCESS); it counts
+# as ltc-ray's only when it carries REPORT_TAG, so an overwrite removes a stale report but
+# never adopts a user's own report.html
+REPORT = "report.html"
+REPORT_TAG = b'<meta name="generator" content="ltc-ray report">'
+OUTPUT_NAMES = {CLUSTERS_DIR, SUMMARY, METRICS, RUN, SUCCESS, COMMITTING, LOCK, REPORT}
 MANIFEST_FORMAT = "ltc-ray-output/1"  # _SUCCESS lists every file of the result
 
 
@@ -141,6 +146,14 @@ def _manifest_paths(fs, path: str, name: str, uri: str) -> set[str] | None:
     return listed
 
 
+def _is_our_report(fs, path: str) -> bool:
+    """Whether ``path`` is a report ``ltc-ray report`` wrote (its generator tag, first 4 KiB)."""
+    try:
+        return not fs.isdir(path) and REPORT_TAG in fs.cat_file(path, start=0, end=4096)
+    except OSError:
+        return False
+
+
 def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState:
     """What an output location holds, refusing one that anything but ltc-ray wrote to.
 
@@ -160,6 +173,9 @@ def inspect_output(uri: str, storage_options: dict | None = None) -> OutputState
         success = _manifest_paths(fs, path, SUCCESS, uri)
         pending = _manifest_paths(fs, path, COMMITTING, uri)
         owned = (success or set()) | (pending or set()) | {SUCCESS, COMMITTING}
+        if (success is not None or pending is not None) and REPORT in files \
+                and _is_our_report(fs, f"{path}/{REPORT}"):
+            owned.add(REPORT)
         # only names ltc-ray writes can be vouched for: a forged manifest cannot adopt a file
         owned = {rel for rel in owned if rel in OUTPUT_NAMES or PART_NAME.fullmatch(rel)}
         foreign = sorted(files - owned)
