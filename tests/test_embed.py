@@ -244,6 +244,35 @@ def test_bad_inputs_fail_early_naming_the_file(tmp_path, data, case):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_holding_a_users_files_is_refused_whatever_the_flags(tmp_path, data,
+                                                                         overwrite):
+    """A folder with a file the job does not write -- or with a report.json of the user's
+    and no sign of an embedding run -- is refused before any work, and left as it was."""
+    for name, text in (("thesis.tex", "mine"), ("report.json", "{}")):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text(text)
+        with pytest.raises(InputError, match="did not write") as err:
+            run_embed(EmbedSpec(input=str(data["images"]), model=data["pt"], output=str(out),
+                                overwrite=overwrite))
+        assert err.value.where == str(out)
+        assert sorted(p.name for p in out.iterdir()) == [name]
+        assert (out / name).read_text() == text
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_output(tmp_path, data):
+    """One writer per output: the embedding job takes <output>/_LOCK like the cluster job."""
+    from ltc_ray.io.lock import OutputLock
+
+    out = tmp_path / "o"
+    with OutputLock(str(out), "other-run"):
+        with pytest.raises(InputError, match="another job is writing") as err:
+            run_embed(EmbedSpec(input=str(data["images"]), model=data["pt"], output=str(out)))
+        assert err.value.where == str(out)
+        assert sorted(p.name for p in out.iterdir()) == ["_LOCK"]
+
+
 def test_decoding_resizes_crops_and_orders_channels():
     img = np.zeros((32, 64, 3), np.uint8)
     img[:, :16] = (255, 0, 0)  # red sides, blue middle

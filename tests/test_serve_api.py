@@ -250,6 +250,33 @@ def test_annotations_round_trip_leave_the_output_unchanged(world):
     assert after == before  # the committed output's files are byte for byte the same
 
 
+def _check_run_method_recluster(world) -> None:
+    """Re-cluster with the run's own method and parameters (knn-cc, threshold 0.5): the
+    nested run records them, holds exactly the parent cluster's members, and its folder
+    layout nests in the parent cluster's folder (the parent's layout exists by now)."""
+    client, results, names = world["client"], world["results"], world["names"]
+    members = np.flatnonzero(world["cluster_of"] == 1)
+    r = client.post("/api/recluster", json={"run": "run-a", "cluster_id": 1, "method": "run"})
+    assert r.status_code == 200, r.text
+    job, deadline = r.json()["job"], time.monotonic() + 100
+    while (state := client.get(f"/api/jobs/{job}").json())["state"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert state["state"] == "done", state
+    assert state["run"].startswith("run-a/reclusters/1-knn-cc-")
+    record = json.loads((results / state["run"] / "run.json").read_text())
+    assert record["method"] == "knn-cc"
+    assert record["config"]["methods"]["knn-cc"]["threshold"] == 0.5
+    body = client.get("/api/clusters", params={"run": state["run"], "limit": 500}).json()
+    got = []
+    for row in body["clusters"]:
+        page = client.get("/api/cluster", params={"run": state["run"], "id": row["cluster_id"],
+                                                  "per_page": 500}).json()
+        got += [m["name"] for m in page["members"]]
+    assert sorted(got) == sorted(names[i] for i in members)
+    assert Path(state["folders"]).parent.name == "001"
+
+
 def test_recluster_kmeans_makes_a_nested_run_with_folders(world):
     client, results, run, names = world["client"], world["results"], world["run"], world["names"]
     sizes = np.bincount(world["cluster_of"])
@@ -277,6 +304,7 @@ def test_recluster_kmeans_makes_a_nested_run_with_folders(world):
     assert state["progress"] == 1.0 and seen_progress == sorted(seen_progress)
     nested = state["run"]
     assert nested.startswith("run-a/reclusters/0-kmeans-")
+    _check_run_method_recluster(world)
     rows = {r["run"]: r for r in client.get("/api/runs").json()["runs"]}
     assert rows[nested]["parent"] == {"run": "run-a", "cluster_id": 0}
     assert rows[nested]["n_clusters"] == 2 and rows[nested]["has_names"]

@@ -46,6 +46,7 @@ from ltc_ray.embed.model import (
 from ltc_ray.embed.sources import IMAGE_EXTENSIONS, ImageListing, image_uri, list_images
 from ltc_ray.errors import InputError, WorkFileError, brief, storage_errors
 from ltc_ray.io.fs import join_uri, open_uri, url_to_fs, write_bytes_atomic
+from ltc_ray.io.lock import LOCK, sole_writer
 from ltc_ray.redact import redact
 
 __all__ = ["EMBEDDINGS", "FAILED", "REPORT", "SUCCESS", "WORK_DIR", "EmbedSpec",
@@ -57,6 +58,7 @@ EMBEDDINGS, FAILED, REPORT, SUCCESS, WORK_DIR = (
     "embeddings.parquet", "failed.parquet", "report.json", "_SUCCESS", "_work")
 REPORT_KIND = "ltc-ray-embeddings"
 SUCCESS_FORMAT = "ltc-ray-embeddings/1"
+OUTPUT_NAMES = {EMBEDDINGS, FAILED, REPORT, SUCCESS, WORK_DIR, LOCK}  # all this job writes
 FINGERPRINT_VERSION = 1
 FAILED_SAMPLE = 100
 READ_GROUP = 256  # images fetched together (concurrently on object stores)
@@ -87,12 +89,25 @@ class EmbedSpec:
 # ------------------------------------------------------------------ checks
 def check_embed_output(output: str, overwrite: bool, storage_options: dict | None = None
                        ) -> None:
-    """Refuse a file at ``output``, a finished result without ``--overwrite``, and a
-    finished result of another kind (a cluster run) even with it."""
+    """Refuse a file at ``output``, a folder holding anything this job does not write, a
+    finished result without ``--overwrite``, and a finished result of another kind (a
+    cluster run) even with it. Our own names count as ours only beside our ``_SUCCESS``
+    or ``_work`` (a run or a commit that stopped midway), so no flag ever replaces a
+    user's ``report.json``."""
     with storage_errors(output):
         fs, path = url_to_fs(output, storage_options)
         if fs.isfile(path):
             raise InputError(output, "output is an existing file; give a folder URI")
+        if not fs.isdir(path):
+            return
+        present = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)}
+        foreign = sorted(present - OUTPUT_NAMES)
+        if not foreign and not present & {SUCCESS, WORK_DIR}:
+            foreign = sorted(present - {LOCK})
+        if foreign:
+            raise InputError(output, f"output folder holds files the embedding job did not "
+                             f"write (e.g. '{brief(foreign[0])}'); refusing to touch it "
+                             "whatever the flags: choose a new (or empty) --output")
         success = join_uri(path, SUCCESS)
         if not fs.exists(success):
             return
@@ -434,10 +449,21 @@ def run_embed(spec: EmbedSpec) -> dict:
     log.info("embed: %d images from %s (%s), model %s (%s, D=%d)", len(listing),
              listing.source, listing.kind, model.uri, model.format, model.dim)
 
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-embed"
+    with sole_writer(spec.output, run_id, so,
+                     lambda: check_embed_output(spec.output, spec.overwrite, so)):
+        return _run_locked(spec, listing, model, t_start)
+
+
+def _run_locked(spec: EmbedSpec, listing: ImageListing, model: ModelSpec,
+                t_start: float) -> dict:
+    """The job's work, holding the output's lock (one writer per output): Ray Data, then
+    the commit."""
     import ray
 
     from ltc_ray.runtime import init_ray
 
+    so = spec.storage_options
     init_ray(spec.num_cpus)
     actors, gpus, use_gpu = _resources_plan(spec)
     work = join_uri(spec.output, WORK_DIR)
@@ -505,6 +531,9 @@ def run_embed(spec: EmbedSpec) -> dict:
         report = _commit(spec, listing, model, len(descs), work, report)
     _remove_work(work, so)
     report["committed"] = True
+    if report["n_embedded"] == 0:
+        log.warning("embed: no image could be embedded (%d failed): see %s/%s for why",
+                    report["n_failed"], spec.output, FAILED)
     log.info("embed: %d embedded, %d failed, %d/%d chunks reused, %.1f s", report["n_embedded"],
              report["n_failed"], reused, len(descs), report["seconds"])
     return report
