@@ -12,6 +12,12 @@ N, D, K = 200, 16, 10  # the good feature set: 200 x 16 float32, clustered with 
 S3_UNREACHABLE = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 S3_NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
                      "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
+# Why a case must run as a real `python jobs/<job>.py` subprocess rather than in the shared
+# runner (tests/_bad_runner.py; see tests/test_bad_inputs.py): ``Case.fresh``.
+FRESH_STORAGE = ("object storage: botocore, s3fs and fsspec read the AWS_* variables and cache "
+                 "sessions, credentials and filesystem instances once per process")
+FRESH_CANARY = ("one case per job as a real process: interpreter start, the script and its "
+                "lazy imports print nothing but the one line")
 TRAIN = ("--method", "gcn-v", "--features", "{d}/good.bin", "--labels", "{d}/good.meta",
          "--dim", str(D))
 
@@ -29,6 +35,7 @@ class Case:
     job: str = "cluster"
     env: dict = field(default_factory=dict)
     cwd: str | None = None  # the job's working directory (default: the repository)
+    fresh: str = ""  # why it runs as its own subprocess (FRESH_*; default: in the runner)
 
 
 def _cluster(*args: str, features: str = "{d}/good.bin", k: int = K) -> tuple[str, ...]:

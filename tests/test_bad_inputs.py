@@ -1,17 +1,55 @@
-"""The bad-input matrix (docs/bad-inputs.md): every case runs a real job as a subprocess
-and must exit 2 with ONE stderr line naming the file or flag and the problem, before Ray
-starts (the single line proves it: a started job logs more), without a traceback,
-without writing anything at the output location and without touching any other file.
+"""The bad-input matrix (docs/bad-inputs.md): every case runs a real job, as
+``python jobs/<job>.py ARGS`` would, and must exit 2 with ONE stderr line naming the file or
+flag and the problem, before Ray starts (the single line proves it: a started job logs
+more), without a traceback, without writing anything at the output location and without
+touching any other file.
 
 The cases of this module are the first ones; each ``tests/_bad_<area>.py`` module adds
-its own (``CASES``) with the files they need (``make_data``), see :data:`AREAS`."""
+its own (``CASES``) with the files they need (``make_data``), see :data:`AREAS`.
+
+How the cases run (a process per case cost 1-3 s of imports each, minutes in all): most run
+one after another in two runner processes (tests/_bad_runner.py), which import
+``ltc_ray.cli`` once and then run each case through the script itself (``runpy`` of
+``jobs/<job>.py``: its ``sys.exit(run_verb(verb, argv))``) with the case's argv, cwd and
+whole environment, its stdout and stderr captured at the file-descriptor level, and the
+state a fresh process starts with restored before each case (loggers, so ``run_verb``
+installs its handler anew; warning filters and "already warned" registries; the secrets
+``ltc_ray.redact`` registered). Each in-runner case's result is what a fresh process prints:
+the runner's start-up output (interpreter start, ``import ltc_ray.cli``: normally nothing)
+followed by the case's own. A case that leaves state behind (Ray initialised, a thread still
+running, a changed umask or signal handler) stops its runner; that case and the rest of its
+batch then run as subprocesses. Module-level caches of ltc_ray that survive between cases
+are pure functions of their arguments (``config._methods_type``/``_hints``, the process
+umask in ``io.fs.current_umask``, which a case never changes: checked) and cannot change a
+later case's result.
+
+Cases marked ``fresh`` (``Case.fresh``, its reason) run as real subprocesses, concurrently
+with the runners:
+
+* object storage (``FRESH_STORAGE``: ``s3-*``): botocore, s3fs and fsspec read the AWS_*
+  variables and cache sessions, credentials and filesystem instances, with an event-loop
+  thread (``fsspecIO``) that outlives the case, per process;
+* one canary per job (``FRESH_CANARY``): interpreter start, the script's import and the lazy
+  imports of the job's deeper checks (torch, pyarrow, ...) in a process of its own, so that
+  noise printed only by a first import is seen per job as a user would see it (in a runner
+  only the first case to trigger an import would show it).
+
+Every case with ``env`` must be ``fresh``. Equivalence was checked case by case when this
+was introduced: (exit code, stdout, stderr) identical to one process per case for every case
+that runs in a runner.
+"""
 
 from __future__ import annotations
 
+import json
+import locale
 import os
 import re
 import socket
 import subprocess
+import sys
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +62,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _bad_common import S3_NO_CREDENTIALS, S3_UNREACHABLE, TRAIN, Case, D, K, N, _cluster
+from _bad_common import (
+    FRESH_CANARY,
+    FRESH_STORAGE,
+    S3_NO_CREDENTIALS,
+    S3_UNREACHABLE,
+    TRAIN,
+    Case,
+    D,
+    K,
+    N,
+    _cluster,
+)
 from _data import blobs, write_bin
 from conftest import PYTHON, REPO
 
 DOC = REPO / "docs" / "bad-inputs.md"
+RUNNER = Path(__file__).with_name("_bad_runner.py")
+RUNNERS = 2  # runner processes (the suite's machine has 2 cores)
+CASE_TIMEOUT = 120  # seconds a case may take (a subprocess's timeout; the runner's alarm)
+RUNNER_CASE_SECONDS = 20  # a runner's whole timeout: CASE_TIMEOUT + this per case
 # The matrix reads best one case per entry.
 # fmt: off
 
@@ -141,7 +194,8 @@ CASES = [
          _cluster("--method", "gcn-v", "--model", "{d}/model-bad-weights"),
          "cannot read weights: not a torch.save archive", "{d}/model-bad-weights/weights.pt"),
     Case("model-weights-pickle", _cluster("--method", "gcn-v", "--model", "{d}/model-pickle"),
-         "cannot read weights: refused to unpickle", "{d}/model-pickle/weights.pt"),
+         "cannot read weights: refused to unpickle", "{d}/model-pickle/weights.pt",
+         fresh=FRESH_CANARY),
     Case("model-threshold-nan", _cluster("--method", "gcn-v", "--model", "{d}/model-nan-tau"),
          "invalid model.json: thresholds must be finite numbers", "{d}/model-nan-tau"),
     Case("flag-value-huge", _cluster("--num-cpus", "9" * 5000), "…", "cluster"),
@@ -222,16 +276,16 @@ CASES = [
          "--num-cpus"),
     Case("s3-unreachable", ("--features", "s3://bucket/emb.bin", "--dim", str(D)),
          "cannot access storage (EndpointConnectionError", "s3://bucket/emb.bin",
-         env=S3_UNREACHABLE),
+         env=S3_UNREACHABLE, fresh=FRESH_STORAGE),
     Case("s3-no-credentials", ("--features", "s3://bucket/emb.bin", "--dim", str(D)),
          "cannot access storage (NoCredentialsError", "s3://bucket/emb.bin",
-         env=S3_NO_CREDENTIALS),
+         env=S3_NO_CREDENTIALS, fresh=FRESH_STORAGE),
     Case("s3-output-unreachable", _cluster("--output", "s3://bucket/runs/x"),
          "cannot access storage (EndpointConnectionError", "s3://bucket/runs/x",
-         env=S3_UNREACHABLE),
+         env=S3_UNREACHABLE, fresh=FRESH_STORAGE),
     Case("s3-model-unreachable", _cluster("--method", "gcn-v", "--model", "s3://bucket/model"),
          "cannot access storage (EndpointConnectionError", "s3://bucket/model",
-         env=S3_UNREACHABLE),
+         env=S3_UNREACHABLE, fresh=FRESH_STORAGE),
     # --- the other jobs
     Case("train-no-labels", ("--method", "gcn-v", "--features", "{d}/good.bin", "--dim", str(D),
                              "--output", "{out}"),
@@ -241,17 +295,18 @@ CASES = [
     Case("train-untrainable", (*TRAIN, "--method", "knn-cc", "--output", "{out}"),
          "cannot train 'knn-cc'", "--method", job="train"),
     Case("train-output-is-file", (*TRAIN, "--output", "{d}/a-file"),
-         "model output path is a file", "{d}/a-file", job="train"),
+         "model output path is a file", "{d}/a-file", job="train", fresh=FRESH_CANARY),
     Case("tune-bad-grid", ("--method", "knn-cc", "--features", "{d}/good.bin", "--labels",
                            "{d}/good.meta", "--dim", str(D), "--grid", "0.8:0.4:0.1",
                            "--output-config", "{out}"),
-         "expected LOW:HIGH:STEP with STEP > 0", "--grid", job="tune"),
+         "expected LOW:HIGH:STEP with STEP > 0", "--grid", job="tune", fresh=FRESH_CANARY),
     Case("evaluate-no-success", ("--pred", "{d}/unfinished", "--labels", "{d}/good.meta"),
-         "no _SUCCESS marker", "{d}/unfinished", job="evaluate"),
+         "no _SUCCESS marker", "{d}/unfinished", job="evaluate", fresh=FRESH_CANARY),
     Case("synthetic-bad-parts", ("--data-root", "{out}", "--parts", "1,x"),
-         "expected a comma list of integers", "--parts", job="make_synthetic"),
+         "expected a comma list of integers", "--parts", job="make_synthetic",
+         fresh=FRESH_CANARY),
     Case("export-no-graph", ("--work-dir", "{d}/no-work", "--output", "{out}"),
-         "no complete kNN graph here", "{d}/no-work", job="export_knn"),
+         "no complete kNN graph here", "{d}/no-work", job="export_knn", fresh=FRESH_CANARY),
 ]
 # fmt: on
 AREAS = (_bad_params, _bad_files, _bad_readers, _bad_outputs)
@@ -286,7 +341,12 @@ def _parquet(path: Path, x: np.ndarray, ids=None, ragged_row: int | None = None)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("bad-inputs")
+    return _make_data(tmp_path_factory.mktemp("bad-inputs"))
+
+
+def _make_data(d: Path) -> Path:
+    """Every case's files in ``d`` (and the snapshot test_no_case_touched_any_file
+    compares against)."""
     x, labels = blobs(n_per=N // 10, n_clusters=10, dim=D, spread=0.5, seed=0)
     write_bin(d / "good.bin", x, labels)  # also good.meta
     raw = (d / "good.bin").read_bytes()
@@ -441,7 +501,20 @@ class Run:
     after: object
 
 
-def _run(case: Case, data: Path, tmp: Path) -> Run:
+@dataclass
+class _Job:
+    """A case made concrete: the command line, where and how it runs, its output's state."""
+
+    case: Case
+    argv: list[str]  # [PYTHON, jobs/<job>.py, *args]
+    cwd: Path
+    env: dict
+    fill: dict
+    output: Path | None
+    before: object
+
+
+def _job(case: Case, data: Path, tmp: Path) -> _Job:
     out = tmp / "out"
     fill = {"d": str(data), "out": str(out)}
     args = [a.format(**fill) for a in case.args]
@@ -451,32 +524,101 @@ def _run(case: Case, data: Path, tmp: Path) -> Run:
     target = args[args.index(flag) + 1] if flag else str(out)
     cwd = Path(case.cwd.format(**fill)) if case.cwd else REPO
     output = None if "://" in target else cwd / target
+    argv = [PYTHON, str(REPO / "jobs" / f"{case.job}.py"), *args]
     before = _snapshot(output) if output else None
-    proc = subprocess.run(
-        [PYTHON, str(REPO / "jobs" / f"{case.job}.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_env(case),
-    )
-    return Run(proc, fill, output, before, _snapshot(output) if output else None)
+    return _Job(case, argv, cwd, _env(case), fill, output, before)
+
+
+def _done(job: _Job, proc: subprocess.CompletedProcess) -> Run:
+    return Run(proc, job.fill, job.output, job.before,
+               _snapshot(job.output) if job.output else None)
+
+
+def _run_subprocess(job: _Job) -> Run:
+    """The case as its own ``python jobs/<job>.py`` process."""
+    proc = subprocess.run(job.argv, cwd=job.cwd, capture_output=True, text=True,
+                          timeout=CASE_TIMEOUT, env=job.env)
+    return _done(job, proc)
+
+
+def _text(raw: bytes) -> str:
+    """Bytes as ``subprocess.run(text=True)`` decodes a child's output."""
+    encoding = "utf-8" if sys.flags.utf8_mode else locale.getencoding()
+    return raw.decode(encoding).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _run_in_runner(jobs: list[_Job], work: Path) -> dict[str, Run]:
+    """``jobs`` one after another in one tests/_bad_runner.py process (see the module
+    docstring); any case the runner did not finish cleanly runs as a subprocess instead."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = [{"id": j.case.id, "script": j.argv[1], "args": j.argv[2:], "cwd": str(j.cwd),
+             "env": j.env} for j in jobs]
+    (work / "cases.json").write_text(json.dumps(spec))
+    runner = [PYTHON, str(RUNNER), str(work / "cases.json"), str(work)]
+    try:
+        proc = subprocess.run(runner, cwd=REPO, capture_output=True, text=True,
+                              env=_env(Case("runner", (), "", "")),
+                              timeout=CASE_TIMEOUT + RUNNER_CASE_SECONDS * len(jobs))
+    except subprocess.TimeoutExpired as exc:
+        raise subprocess.TimeoutExpired(runner, exc.timeout) from None
+    results = work / "results.jsonl"
+    records = [json.loads(line) for line in results.read_text().splitlines()] \
+        if results.exists() else []
+    done = {r["id"]: r for r in records}
+    runs = {}
+    for job in jobs:
+        record = done.get(job.case.id)
+        if record is None or "leak" in record:  # the runner stopped: a real process
+            if proc.returncode not in (0, 3) or record is not None:
+                warnings.warn(f"bad-input runner stopped at {job.case.id} (exit "
+                              f"{proc.returncode}, {record}): {proc.stderr[-2000:]}",
+                              stacklevel=1)
+            runs[job.case.id] = _run_subprocess(job)
+            continue
+        if record.get("timeout"):
+            raise subprocess.TimeoutExpired(job.argv, CASE_TIMEOUT)
+        # what a fresh process prints first: the interpreter's start (the runner's own
+        # output, normally nothing), then `import ltc_ray.cli`; then the case's own output
+        out, err = (
+            start + _text((work / f"startup{ext}").read_bytes()
+                          + (work / f"{job.case.id}{ext}").read_bytes())
+            for start, ext in ((proc.stdout, ".out"), (proc.stderr, ".err"))
+        )
+        runs[job.case.id] = _done(job, subprocess.CompletedProcess(job.argv, record["rc"],
+                                                                   out, err))
+    return runs
+
+
+def _run_all(cases: list[Case], data: Path, tmp: Callable[[str], Path],
+             runners: int = RUNNERS) -> dict[str, Run]:
+    """Every case: the ``fresh`` ones as their own subprocesses, the others split over
+    ``runners`` runner processes, all concurrently."""
+    for case in cases:
+        assert case.fresh or not case.env, f"{case.id}: a case with env must be fresh"
+    jobs = [_job(c, data, tmp(c.id)) for c in cases]
+    fresh = [j for j in jobs if j.case.fresh]
+    shared = [j for j in jobs if not j.case.fresh]
+    batches = [shared[i::runners] for i in range(runners) if shared[i::runners]]
+    with ThreadPoolExecutor(max_workers=len(batches) + max(2, os.cpu_count() or 2)) as pool:
+        futures = [pool.submit(_run_in_runner, b, tmp(f"runner-{i}")) for i, b in
+                   enumerate(batches)]
+        singles = {j.case.id: pool.submit(_run_subprocess, j) for j in fresh}
+        runs = {k: v for f in futures for k, v in f.result().items()}
+        runs.update({case_id: f.result() for case_id, f in singles.items()})
+    return {c.id: runs[c.id] for c in cases}
 
 
 @pytest.fixture(scope="module")
 def runs(request, data: Path, tmp_path_factory) -> dict[str, Run]:
-    """The selected cases, run as concurrent subprocesses (each is 1-3 s of imports)."""
+    """The selected cases, run concurrently: most in two runner processes, the ``fresh``
+    ones as their own subprocesses (each is 1-3 s of imports)."""
     here = Path(__file__)
     selected = [
         item.callspec.params["case"]
         for item in request.session.items
         if Path(item.path) == here and hasattr(item, "callspec") and "case" in item.callspec.params
     ]
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {
-            c.id: pool.submit(_run, c, data, tmp_path_factory.mktemp(c.id)) for c in selected
-        }
-        return {case_id: f.result() for case_id, f in futures.items()}
+    return _run_all(selected, data, tmp_path_factory.mktemp)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -210,7 +210,7 @@ def ve_trained(trained, tmp_path_factory):
             "--set",
             "knn.k=20",
             "--epochs",
-            "20",
+            "8",
             "--hidden",
             "64",
             "--edge-epochs",

@@ -390,11 +390,13 @@ def test_training_beats_random_weights(hc_trained, tmp_path):
 
     root, model = hc_trained
     untrained = random_twin(model, tmp_path / "random-model")
-    m = {}
-    for name, path in (("trained", model), ("random", untrained)):
-        _cluster(root, path, tmp_path, name, "cluster.partitions=2", part="0")
-        m[name] = json.loads((tmp_path / f"out-{name}" / "metrics.json").read_text())
-    trained, random = m["trained"], m["random"]
+    _cluster(root, untrained, tmp_path, "random", "cluster.partitions=2", part="0")
+    random = json.loads((tmp_path / "out-random" / "metrics.json").read_text())
+    # the trained side: the train job already ran the saved model through the job's own
+    # stages on this split (``job_train_metrics``; partitioning changes no cluster:
+    # test_seven_partitions_equal_the_whole_graph_definitions), so it is not run again
+    trained = json.loads((model / "model.json").read_text())["job_train_metrics"]
+    assert trained["n_samples"] == random["n_samples"]
     assert trained["pairwise_f"] > random["pairwise_f"] + 0.03, (trained, random)
     assert trained["pairwise_precision"] > random["pairwise_precision"] + 0.07, (trained, random)
 
@@ -421,7 +423,7 @@ def test_resumed_run_reuses_rescore_and_relinks_on_new_tau(hc_trained, tmp_path)
 
 
 def test_train_then_cluster_as_subprocesses(tmp_path):
-    """``jobs/train.py --method hard-clusters`` then ``jobs/cluster.py`` on ~2.3K samples."""
+    """``jobs/train.py --method hard-clusters`` then ``jobs/cluster.py`` on ~1.2K samples."""
     import json
     import subprocess
     import sys
@@ -430,11 +432,11 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
 
     from ltc_ray.synthetic import make_benchmark
 
-    make_benchmark(str(tmp_path / "data"), parts=(0, 1), scale=0.004, seed=1, progress=False)
+    make_benchmark(str(tmp_path / "data"), parts=(0, 1), scale=0.002, seed=1, progress=False)
     common = ["--data-root", str(tmp_path / "data"), "--num-cpus", "2", "--set", "knn.k=20"]
     train = subprocess.run(
         [sys.executable, "jobs/train.py", "--part", "0", *common,  # the default method
-         "--epochs", "1", "--hidden", "64", "--output", str(tmp_path / "model")],
+         "--epochs", "1", "--hidden", "32", "--output", str(tmp_path / "model")],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "hard-clusters edge scorer trained" in train.stdout
@@ -449,7 +451,7 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
     # random weights at this size (measured at scale 0.008: pairwise F on part1 0.802
     # trained vs 0.825 random, on part0 0.844 vs 0.834); test_training_beats_random_weights
     # compares the two
-    assert metrics["n_samples"] > 2000
+    assert metrics["n_samples"] > 1000
     assert record["method"] == "hard-clusters" and (tmp_path / "out" / "_SUCCESS").exists()
 
 
