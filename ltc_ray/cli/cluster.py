@@ -118,7 +118,6 @@ def cluster_main(argv: Sequence[str]) -> int:
     record = run_job(spec)
     _print_result(record, output)
     if args.report:  # after the commit: the report reads the result as any reader does
-
         print(f"report: {write_report(output, spec.storage_options)}")
     return EXIT_OK
 
