@@ -380,7 +380,10 @@ def test_rates_ship_as_package_data_and_an_installed_package_finds_them(tmp_path
                     "-w", str(tmp_path / "dist"), str(src)],
                    check=True, timeout=300, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("ltc_ray-*.whl")
-    assert "ltc_ray/data/rates.json" in zipfile.ZipFile(wheel).namelist()
+    shipped_files = zipfile.ZipFile(wheel).namelist()
+    assert "ltc_ray/data/rates.json" in shipped_files
+    for page in ("index.html", "app.js", "style.css"):  # the results browser's page
+        assert f"ltc_ray/serve/static/{page}" in shipped_files
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     script = ("import json, ltc_ray\nfrom ltc_ray.plan_model import load_rates\n"
