@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ltc_ray.errors import InputError, brief, storage_errors
-from ltc_ray.io.fs import join_uri, open_uri, url_to_fs
+from ltc_ray.io.fs import open_uri, url_to_fs
+from ltc_ray.io.names import image_uri, is_absolute
 
 __all__ = ["IMAGE_EXTENSIONS", "LIST_SUFFIXES", "PARQUET_SUFFIXES", "ImageListing",
            "image_uri", "is_absolute", "list_images", "source_kind"]
@@ -39,18 +40,6 @@ class ImageListing:
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def is_absolute(name: str) -> bool:
-    """A full URI or an absolute path: used as is, not joined onto the images root."""
-    return "://" in name or name.startswith("/")
-
-
-def image_uri(images_root: str | None, name: str) -> str:
-    """The image a listed name stands for."""
-    if is_absolute(name) or images_root is None:
-        return name
-    return join_uri(images_root, name)
 
 
 def _parent(uri: str) -> str:

@@ -26,7 +26,7 @@ from ltc_ray.errors import InputError, brief, storage_errors
 from ltc_ray.io.fs import join_uri, open_uri, url_to_fs
 from ltc_ray.io.output import RUN, read_success
 
-__all__ = ["EMBEDDINGS_REPORT_KIND", "PATH_COLUMN", "SampleNames"]
+__all__ = ["EMBEDDINGS_REPORT_KIND", "PATH_COLUMN", "SampleNames", "image_uri", "is_absolute"]
 
 log = logging.getLogger("ltc_ray")
 
@@ -61,6 +61,19 @@ def _read_json(uri: str, storage_options: dict | None) -> dict:
         raise InputError(uri, "is not a JSON object ltc-ray wrote; the result is damaged")
     return value
 
+
+
+def is_absolute(name: str) -> bool:
+    """A full URI or an absolute path: used as is, not joined onto the images root."""
+    return "://" in name or name.startswith("/")
+
+
+def image_uri(images_root: str | None, name: str) -> str:
+    """The image a listed name stands for: the name itself when it is a URI or absolute
+    path, else joined onto ``images_root`` (when known)."""
+    if is_absolute(name) or not images_root:
+        return name
+    return join_uri(images_root, name)
 
 class SampleNames:
     """Names of a finished run's samples (row i of the run's input = sample_id i)."""
@@ -243,11 +256,8 @@ class SampleNames:
         return [got[i] for i in inverse.tolist()]
 
     def image_uri(self, name: str) -> str:
-        """The image a name refers to: the name itself when it is a URI or absolute path,
-        else joined onto ``images_root`` (when known)."""
-        if "://" in name or name.startswith("/") or not self.images_root:
-            return name
-        return join_uri(self.images_root, name)
+        """The image a name refers to (:func:`image_uri` under ``images_root``)."""
+        return image_uri(self.images_root, name)
 
     # -- internals --------------------------------------------------------------------
     def _lines(self, data: bytes, count: int) -> list[str]:
