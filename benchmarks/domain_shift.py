@@ -74,7 +74,9 @@ QUICK_SETTINGS = ("ms1m-like", "low-sim", "lfw-like")
 QUICK_METHODS = ("knn-cc", "aro", "hac")
 LEARNED_TRAIN, LEARNED_TEST = "ms1m-like", ("ms1m-like", "low-sim")
 LEARNED_OPTIONS = {"gcn-v": {"epochs": 30}, "hard-clusters": {"epochs": 1, "tune_folds": 2},
-                   "gcn-d": {}, "gcn-ds": {}, "lgcn": {}, "pse-gcn": {}}
+                   "gcn-d": {}, "gcn-ds": {}, "lgcn": {}, "pse-gcn": {},
+                   # the same edge scorer as hard-clusters, trained the same way
+                   "map-equation": {"epochs": 1, "tune_folds": 2}}
 LEARNED_DEFAULT = ("gcn-v", "hard-clusters")
 COLLAPSE_DEFAULT, COLLAPSE_TUNED = 0.5, 0.8
 FIT_ALPHAS = np.round(np.arange(-0.5, 2.0 + 1e-9, 0.01), 2)

@@ -36,8 +36,10 @@ def tiny_gcn_ve(path: Path, in_dim: int, k: int, feature_k: int, seed: int = 0) 
     return str(path)
 
 
-def tiny_hard_clusters(path: Path, in_dim: int, k: int, seed: int = 0, tau: float = 0.7) -> str:
-    """A hard-clusters edge scorer directory with random weights (d_model 16)."""
+def tiny_hard_clusters(path: Path, in_dim: int, k: int, seed: int = 0, tau: float = 0.7,
+                       method: str = "hard-clusters", thresholds: dict | None = None) -> str:
+    """A hard-clusters (or ``method`` map-equation) edge scorer directory with random
+    weights (d_model 16) carrying ``thresholds`` (default ``{"tau": tau}``)."""
     import torch
 
     from ltc_ray.models.edge_scorer import EdgeScorer, ScorerShape
@@ -45,7 +47,8 @@ def tiny_hard_clusters(path: Path, in_dim: int, k: int, seed: int = 0, tau: floa
 
     torch.manual_seed(seed)
     shape = ScorerShape(in_dim=in_dim, d_model=16, heads=2, ffn=32, k=k, dropout=0.0)
-    save_edge_scorer(str(path), EdgeScorer(shape), {"thresholds": {"tau": tau}})
+    save_edge_scorer(str(path), EdgeScorer(shape), {"thresholds": thresholds or {"tau": tau}},
+                     method=method)
     return str(path)
 
 
@@ -120,6 +123,9 @@ def model_flags(method: str, tmp: Path, in_dim: int, k: int) -> list[str]:
         return ["--model", tiny_gcn_ve(tmp / "gcn-ve-model", in_dim, k, feature_k=15)]
     if method == "hard-clusters":
         return ["--model", tiny_hard_clusters(tmp / "hc-model", in_dim, k)]
+    if method == "map-equation":  # random p: TPDi < 0.9 keeps the rows' strong overlaps
+        return ["--model", tiny_hard_clusters(tmp / "me-model", in_dim, k, method=method,
+                                              thresholds={"tau": 0.9, "max_neighbours": 5})]
     if method in ("gcn-d", "gcn-ds"):
         return ["--model", tiny_gcn_d(tmp / f"{method}-model", in_dim, k,
                                       segments=method == "gcn-ds")]

@@ -49,9 +49,10 @@ def random_twin(trained: Path, out: Path, seed: int = 0, keep_gcn_v: bool = Fals
         save_model(str(out), GCNV(meta["in_dim"], meta["hidden"]), meta)
     elif meta["method"] == "gcn-e":
         save_gcn_e(str(out), GCNE(meta["in_dim"], meta["dims"]), meta)
-    elif meta["method"] == "hard-clusters":
+    elif meta["method"] in ("hard-clusters", "map-equation"):  # the same edge scorer
         keys = ("in_dim", "d_model", "heads", "ffn", "layers", "k", "dropout")
-        save_edge_scorer(str(out), EdgeScorer(ScorerShape(**{k: meta[k] for k in keys})), meta)
+        save_edge_scorer(str(out), EdgeScorer(ScorerShape(**{k: meta[k] for k in keys})), meta,
+                         method=meta["method"])
     elif meta["method"] in NETS:
         import importlib
 

@@ -205,6 +205,15 @@ CASES = [
     Case("hc-model-is-gcn-v",
          _cluster("--method", "hard-clusters", "--model", "{d}/model-d16"),
          "model is a 'gcn-v' model, expected 'hard-clusters'", "{d}/model-d16"),
+    # --- map-equation (issue 20)
+    Case("me-model-not-given", _cluster("--method", "map-equation"),
+         "map-equation needs a model trained by jobs/train.py --method map-equation",
+         "--model"),
+    Case("me-model-is-gcn-v",
+         _cluster("--method", "map-equation", "--model", "{d}/model-d16"),
+         "model is a 'gcn-v' model, expected 'map-equation'", "{d}/model-d16"),
+    Case("me-piece-nodes-one", _cluster("--set", "methods.map-equation.max_piece_nodes=1"),
+         "must be >= 2", "config methods.map-equation.max_piece_nodes"),
     # --- gcn-d / gcn-ds / lgcn (issue 17)
     Case("gcn-ds-model-not-given", _cluster("--method", "gcn-ds"),
          "gcn-ds needs a model trained by jobs/train.py --method gcn-ds", "--model"),

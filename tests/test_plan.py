@@ -303,11 +303,12 @@ def test_benchmark_harness_case_subset_builds_its_graph_untimed(tmp_path):
 
 
 def test_dry_run_of_a_whole_graph_method_plans_one_task_at_64_bytes_per_edge(capsys):
-    """Infomap clusters the whole graph in ONE task: the plan says so and sizes it at the
-    64 B per kNN edge ``cluster/whole_graph.py`` documents (~26 GB at 5.21M x 80)."""
+    """Chinese whispers clusters the whole graph in ONE task: the plan says so and sizes it
+    at the 64 B per kNN edge ``cluster/whole_graph.py`` documents (~26 GB at 5.21M x 80).
+    (Infomap runs in pieces: tests/test_map_equation_method.py.)"""
     n, d, k = 5_206_761, 256, 80
     code = main(["cluster", "--dry-run", "--rows", str(n), "--dim", str(d),
-                 "--resources", '{"CPU": 64}', "--method", "infomap"])
+                 "--resources", '{"CPU": 64}', "--method", "chinese-whispers"])
     text = capsys.readouterr().out
     assert code == 0
     assert re.search(r"^\s*link \(whole graph\)\s+1 task\s+ONE task holding the whole kNN graph",
@@ -319,7 +320,7 @@ def test_dry_run_of_a_whole_graph_method_plans_one_task_at_64_bytes_per_edge(cap
     expected = base + 64 * edges + n * (8 + 60)
     assert _gb(text, "whole_graph_task") == pytest.approx(expected / 1e9, abs=0.006)
     assert 26e9 < expected < 27.5e9
-    plan = make_plan(n, d, Config(method="infomap"), {"CPU": 64}, hypothetical=True)
+    plan = make_plan(n, d, Config(method="chinese-whispers"), {"CPU": 64}, hypothetical=True)
     assert plan["memory"]["whole_graph_task"]["terms"]["kNN graph (64 B per edge)"] == 64 * edges
     assert [(s["name"], s["tasks"]) for s in plan["stages"]] == [
         ("score (rows)", 64), ("link (whole graph)", 1)]

@@ -33,7 +33,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="hard-clusters",
                    help="hard-clusters (edge scorer; the default), gcn-v, gcn-ve (GCN-V, "
                    "then GCN-E), gcn-d (proposal scores), gcn-ds (GCN-D + GCN-S), lgcn "
-                   "(L-GCN linkage) or pse-gcn (re-ranked graph + DGC embeddings)")
+                   "(L-GCN linkage), pse-gcn (re-ranked graph + DGC embeddings) or map-equation "
+                   "(edge scorer + the map equation's keep rule)")
     p.add_argument("--output", required=True, help="model directory URI to write")
     p.add_argument("--edge-epochs", type=int_flag,
                    help="gcn-ve: GCN-E training epochs (default 2)")
@@ -43,12 +44,12 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float_flag, help="learning rate, in (0, 1]")
     p.add_argument("--batch-rows", type=int_flag,
                    help="gcn-v: mini-batch rows (0 = full graph when it fits, else mini-batches)"
-                   "; hard-clusters: anchors per step (default 256)")
+                   "; hard-clusters, map-equation: anchors per step (default 256)")
     p.add_argument("--hidden", type=int_flag,
                    help="hidden width (default 512; pse-gcn 128, lgcn 128)")
     p.add_argument("--tune-folds", type=int_flag,
-                   help="hard-clusters, pse-gcn: identity folds of the out-of-fold threshold "
-                   "search (default 2; 0 keeps the paper's 0.7 / 0.87)")
+                   help="hard-clusters, pse-gcn, map-equation: identity folds of the out-of-fold "
+                   "threshold search (default 2; 0 keeps the paper's 0.7 / 0.87, or p >= 0.5)")
     p.add_argument("--proposals", choices=("2", "8", "20"),
                    help="gcn-d, gcn-ds: learn-to-cluster's proposal settings to train on and "
                    "carry (default 8: iteration 0 at two cuts + six super-vertex settings)")

@@ -14,6 +14,7 @@ from ltc_ray.cluster import (  # noqa: F401  (register the methods)
     hard_clusters,
     knn_cc,
     lgcn,
+    map_equation,
     pse_gcn,
 )
 from ltc_ray.cluster.base import (

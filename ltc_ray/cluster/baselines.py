@@ -1,9 +1,11 @@
-"""Unsupervised baselines that cluster the whole kNN graph in one process (issue 7).
+"""Unsupervised baselines over the whole kNN graph (issue 7).
 
-Each is a :class:`~ltc_ray.cluster.whole_graph.WholeGraphMethod`: vectorised numpy /
-scipy over sparse matrices (no N x N matrix, no per-sample Python loop), run in one
-Ray task whose memory bound is documented in ``cluster.whole_graph``. Every method
-is deterministic for a given graph and ``Config.seed``.
+Infomap runs distributed, per connected component in parallel pieces
+(:mod:`ltc_ray.cluster.map_equation_stage`, issue 20). The others are
+:class:`~ltc_ray.cluster.whole_graph.WholeGraphMethod`: vectorised numpy / scipy over
+sparse matrices (no N x N matrix, no per-sample Python loop), run in one Ray task whose
+memory bound is documented in ``cluster.whole_graph``. Every method is deterministic for a
+given graph and ``Config.seed``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ltc_ray.cluster.base import Tunable, register
+from ltc_ray.cluster.base import (
+    ClusterMethod,
+    LinkStageContext,
+    LinkStageOutput,
+    PartitionInput,
+    Shape,
+    Tunable,
+    neighbor_density,
+    register,
+)
 from ltc_ray.cluster.whole_graph import (
+    SCORE_NEIGHBORS,
     WholeGraphMethod,
     components,
     knn_edges,
@@ -23,7 +35,13 @@ from ltc_ray.cluster.whole_graph import (
     symmetric_graph,
     whole_graph_shape,
 )
+from ltc_ray.graph.map_equation import (
+    DEFAULT_MAX_PIECE_EDGES,
+    DEFAULT_MAX_PIECE_NODES,
+    map_equation_labels,
+)
 from ltc_ray.params import AUTO, COSINE, ROUNDS, ROWS, Auto, Range, param
+from ltc_ray.plan_model import PlanContext, PlanStage, rate_key, rows_score_stage
 
 log = logging.getLogger("ltc_ray")
 
@@ -31,12 +49,17 @@ log = logging.getLogger("ltc_ray")
 @dataclass
 class InfomapParams:
     """Infomap on the kNN graph with edges of cosine >= threshold, weighted by cosine
-    (two-level, undirected, seeded by ``seed``); one process, see cluster/whole_graph.py."""
+    (two-level, undirected, seeded by ``seed``), per connected component in parallel
+    pieces (cluster/map_equation_stage.py)."""
 
     # auto: from this graph's similarities (graph/similarity_stats.py; fit: domain_shift.py)
     threshold: float | str = param(AUTO, valid=COSINE,
                                    auto=Auto(0.76, "far:0.5", "r1:0.5"))
     trials: int = param(2, valid=Range(1, 1000))  # Infomap trials (the best is kept)
+    # a piece task's budget; a larger component is split (coarse blocks, then refined)
+    max_piece_edges: int = param(DEFAULT_MAX_PIECE_EDGES, valid=Range(1, 1 << 40))
+    max_piece_nodes: int = param(DEFAULT_MAX_PIECE_NODES, valid=Range(2, (1 << 31) - 1))
+    split_passes: int = param(3, valid=Range(1, 100))  # passes over an oversized component
 
 
 @dataclass
@@ -102,37 +125,64 @@ class KMeansParams:
 
 
 @register
-class InfomapMethod(WholeGraphMethod):
+class InfomapMethod(ClusterMethod):
     """Infomap (two-level, undirected, seeded, ``trials`` trials) on the kNN graph with
     edges of cosine >= ``threshold``, weighted by cosine. Nodes left without an edge are
-    singletons. Needs the ``infomap`` package (a main dependency)."""
+    singletons.
+
+    Distributed (shape link "stage", :mod:`ltc_ray.cluster.map_equation_stage`): partition
+    tasks keep the edges, the components are solved in parallel pieces of at most
+    ``max_piece_edges`` edges / ``max_piece_nodes`` nodes, one Infomap call per component,
+    so the clusters equal one Infomap run per component for any number of partitions or
+    workers; a component over the budget is split and refined (approximate, see
+    :mod:`ltc_ray.graph.map_equation`). Needs the ``infomap`` package (a main dependency)."""
 
     name = "infomap"
     Params = InfomapParams
-    shape = whole_graph_shape(Tunable("threshold", 0.30, 0.95, 0.01))
+    shape = Shape(score="rows", link="stage", score_params=(),
+                  tunable=Tunable("threshold", 0.30, 0.95, 0.01))
+
+    def score(self, part: PartitionInput) -> np.ndarray:
+        return neighbor_density(part.knn_sims, SCORE_NEIGHBORS)
+
+    def budget(self):
+        """The seed, trials and piece budgets (a ``MapEquationBudget``)."""
+        from ltc_ray.cluster.map_equation_stage import MapEquationBudget  # (Ray)
+
+        p = self.params
+        return MapEquationBudget(int(self.seed), int(p.trials), int(p.max_piece_edges),
+                                 int(p.max_piece_nodes), int(p.split_passes))
+
+    def stage_links(self, ctx: LinkStageContext) -> LinkStageOutput:
+        from ltc_ray.cluster.map_equation_stage import cosine_edges, map_equation_stage
+
+        threshold = float(self.params.threshold)
+        edges = [cosine_edges.remote(ctx.graph, lo, hi, ctx.storage_options, threshold)
+                 for lo, hi in ctx.ranges]
+        parents, merge, stats = map_equation_stage(ctx.graph.n_rows, edges, ctx.ranges,
+                                                   self.budget(), ctx.cpus)
+        return LinkStageOutput(parents, merge, stats)
 
     def cluster_graph(self, knn_ids: np.ndarray, knn_sims: np.ndarray,
                       features: np.ndarray | None = None) -> np.ndarray:
-        from infomap import Infomap
+        """The same clusters in this process (tests, small graphs): labels ``(N,)``."""
+        b = self.budget()
+        src, dst, sim = knn_edges(knn_ids, knn_sims, float(self.params.threshold))
+        keep = sim > 0
+        return map_equation_labels(len(knn_ids), src[keep], dst[keep], sim[keep], seed=b.seed,
+                                   trials=b.trials, max_piece_edges=b.max_piece_edges,
+                                   max_piece_nodes=b.max_piece_nodes,
+                                   split_passes=b.split_passes)
 
-        n = len(knn_ids)
-        labels = np.arange(n, dtype=np.int64)
-        a = symmetric_graph(n, *knn_edges(knn_ids, knn_sims, self.params.threshold))
-        upper = sp.triu(a, k=1).tocoo()  # each undirected link once
-        if upper.nnz == 0:
-            return labels
-        links = np.column_stack([upper.row, upper.col, upper.data]).astype(np.float64)
-        # Infomap refuses seed 0, so Config.seed s maps to Infomap seed s + 1
-        im = Infomap(
-            f"--two-level --silent --flow-model undirected --seed {int(self.seed) + 1} "
-            f"--num-trials {int(self.params.trials)}"
-        )
-        im.add_links(links)
-        modules = im.run().modules()  # {node: module}
-        nodes = np.fromiter(modules.keys(), dtype=np.int64, count=len(modules))
-        mods = np.fromiter(modules.values(), dtype=np.int64, count=len(modules))
-        labels[nodes] = n + mods
-        return labels
+    def plan(self, ctx: PlanContext) -> list[PlanStage]:
+        """Score tasks, then the map equation's tasks (:func:`map_equation_stage.plan_stages`)
+        sized for every kNN edge kept (an upper bound: the threshold keeps fewer)."""
+        from ltc_ray.cluster.map_equation_stage import plan_stages as plan_map_equation
+
+        kept = ctx.n * (ctx.k - 1)
+        return [rows_score_stage(ctx, rate_key(self, "score")),
+                *plan_map_equation(ctx, self.budget(), kept, "at most every kNN edge, "
+                                   "N·(k−1)", "edges of cosine >= threshold")]
 
 
 @register

@@ -101,3 +101,16 @@ def representatives(
     sorted_clusters = cluster_id[order]
     starts = np.searchsorted(sorted_clusters, np.arange(n_clusters))
     return order[starts].astype(np.int64)
+
+
+def stars_to_label(label: np.ndarray, lo: int, hi: int
+                   ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Rows ``[lo, hi)`` of a per-node ``label`` that names a member of the node's cluster
+    (e.g. its smallest): ``parent`` (-1 for the named member itself) and the merge edges
+    ``(node, label)``, stars the global merge turns into exactly those clusters."""
+    node = np.arange(lo, hi, dtype=np.int64)
+    root = label[lo:hi]
+    parent = np.where(root != node, root, -1)
+    link = parent >= 0
+    return parent, (node[link], parent[link])
+

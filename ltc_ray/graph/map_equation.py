@@ -322,6 +322,16 @@ def _engine():
 _ENGINE: list = []  # [InfomapWrapper or None], resolved on first use
 
 
+def _vector(values) -> np.ndarray:
+    """A SWIG ``std::vector`` as int64, read by index. Not by iteration: SWIG modules share
+    one iterator type, so once faiss (also SWIG) is imported, iterating Infomap's vectors
+    dispatches to faiss's iterator class and crashes the process (seen in a job's driver
+    after its kNN stage)."""
+    count = len(values)
+    get = values.__getitem__
+    return np.fromiter((get(i) for i in range(count)), dtype=np.int64, count=count)
+
+
 def _infomap_modules(m: int, links: np.ndarray, args: str) -> np.ndarray:
     """Module id per node ``0..m-1`` of one Infomap run on ``links (e, 3) float64``; a node
     absent from the links gets a module of its own."""
@@ -337,8 +347,7 @@ def _infomap_modules(m: int, links: np.ndarray, args: str) -> np.ndarray:
         im.addLinksFromNumpy2D(links, links.shape[0], 3, "f", 8)
         im.run("")
         data = im.getNodeData(1, False)
-        node = np.asarray(data.node_id, dtype=np.int64)
-        module = np.asarray(data.module_id, dtype=np.int64)
+        node, module = _vector(data.node_id), _vector(data.module_id)
     else:
         from infomap import Infomap
 

@@ -58,6 +58,7 @@ MODEL_JSON = "model.json"
 METHOD = "gcn-v"
 METHOD_E = "gcn-e"
 METHOD_HC = "hard-clusters"
+METHOD_ME = "map-equation"  # the same edge scorer, carrying the map equation's keep rule
 SCORER_KEYS = ("in_dim", "d_model", "heads", "ffn", "layers", "k")
 FORMAT_VERSION = 1
 
@@ -117,11 +118,12 @@ def save_gcn_e(uri: str, model: GCNE, meta: dict, storage_options: dict | None =
 
 
 def save_edge_scorer(uri: str, model: EdgeScorer, meta: dict,
-                     storage_options: dict | None = None) -> None:
-    """Write a hard-clusters edge scorer and ``meta`` to the directory ``uri``, as
-    :func:`save_model` does; the architecture (:class:`ScorerShape`) is filled in."""
+                     storage_options: dict | None = None, method: str = METHOD_HC) -> None:
+    """Write an edge scorer and ``meta`` to the directory ``uri``, as :func:`save_model`
+    does; the architecture (:class:`ScorerShape`) is filled in. ``method``: the method whose
+    thresholds ``meta`` carries (hard-clusters, map-equation), checked when loaded."""
     shape = model.shape
-    arch = {"method": METHOD_HC, **{key: getattr(shape, key) for key in SCORER_KEYS},
+    arch = {"method": method, **{key: getattr(shape, key) for key in SCORER_KEYS},
             "dropout": shape.dropout}
     _write(uri, model, {**meta, "k": shape.k}, arch, storage_options)
 
@@ -131,17 +133,18 @@ def load_edge_scorer(
     expected_dim: int | None = None,
     expected_k: int | None = None,
     storage_options: dict | None = None,
+    method: str = METHOD_HC,
 ) -> tuple[EdgeScorer, dict]:
-    """The hard-clusters edge scorer in directory ``uri`` (eval mode, CPU) and its
-    ``model.json``, with the checks of :func:`load_model`."""
-    meta = _checked_meta(uri, METHOD_HC, None, expected_dim, expected_k, storage_options)
+    """The edge scorer of ``method`` (hard-clusters, map-equation) in directory ``uri``
+    (eval mode, CPU) and its ``model.json``, with the checks of :func:`load_model`."""
+    meta = _checked_meta(uri, method, None, expected_dim, expected_k, storage_options)
     try:
         shape = ScorerShape(**{key: meta[key] for key in SCORER_KEYS},
                             dropout=float(meta.get("dropout", 0.0)))
     except (TypeError, ValueError) as exc:
         raise InputError(uri, f"invalid {MODEL_JSON}: {exc}") from None
     model = EdgeScorer(shape)
-    _load_weights(uri, model, f"hard-clusters edge scorer ({shape})", storage_options)
+    _load_weights(uri, model, f"{method} edge scorer ({shape})", storage_options)
     return model, meta
 
 
@@ -270,7 +273,7 @@ def _read_meta(uri: str, storage_options: dict | None) -> dict:
     if not isinstance(meta, dict):
         raise InputError(uri, f"invalid {MODEL_JSON}: expected an object")
     # GCN-V records its width as ``hidden``, GCN-E its four widths as ``dims``.
-    sizes = {METHOD_E: ("in_dim", "k"), METHOD_HC: SCORER_KEYS,
+    sizes = {METHOD_E: ("in_dim", "k"), METHOD_HC: SCORER_KEYS, METHOD_ME: SCORER_KEYS,
              **dict.fromkeys(NETS, ("in_dim", "k"))}.get(
         meta.get("method"), ("in_dim", "hidden", "k"))
     for key in sizes:

@@ -43,6 +43,7 @@ from ltc_ray.params import NEIGHBOURS, POSITIVE, ROUNDS, SIGMA, Range, param
 from ltc_ray.plan_model import PlanContext, PlanStage
 
 __all__ = [
+    "EdgeScorerStage",
     "L1_UNITS",
     "TPDI_BLOCK",
     "HardClusters",
@@ -85,8 +86,62 @@ class HardClustersParams:
     halo_bytes: int = param(1 << 28, valid=Range(1, 1 << 50))
 
 
+class EdgeScorerStage:
+    """The re-scoring stage hard-clusters and map-equation share: the edge scorer of a model
+    directory written for ``kind`` on edge actors (:mod:`.rescore`), rows re-sorted by p,
+    NDDE density as the node score. The host class has ``params`` with ``model``,
+    ``batch_size``, ``halo_bytes`` and the NDDE fields."""
+
+    def compile_shape(self) -> Shape:
+        s = type(self).shape
+        return Shape(score=s.score, link=s.link, uses_model=True, score_params=s.score_params,
+                     halo_bytes=self.params.halo_bytes)
+
+    def load_scorer(self, kind: str) -> dict:
+        """Read the edge scorer (refused unless written for ``kind``); returns model.json."""
+        if not self.params.model:
+            raise InputError("--model", f"{kind} needs a model trained by jobs/train.py "
+                                        f"--method {kind}")
+        from ltc_ray.models.edge_scorer import EdgeScorer  # torch: only with a model
+        from ltc_ray.models.store import load_edge_scorer
+
+        model, meta = load_edge_scorer(self.params.model, expected_k=self.k,
+                                       storage_options=self.storage_options, method=kind)
+        self.meta = meta
+        self.scorer_shape = model.shape
+        self.scorer = ShippedNet(model, functools.partial(EdgeScorer, model.shape))
+        return meta
+
+    def check_inputs(self, dim: int, where: str) -> None:
+        if dim != self.scorer_shape.in_dim:
+            raise InputError(self.params.model, f"model was trained for dim "
+                             f"{self.scorer_shape.in_dim}, the features ({where}) have {dim}")
+
+    def rescore_graph(self, ctx: RescoreContext) -> RescoreOutput:
+        from ltc_ray.cluster.hard_clusters.rescore import rescore_and_density  # (Ray)
+
+        scores, graph, stats = rescore_and_density(self, ctx.features, ctx.graph, ctx.ranges,
+                                                   ctx.cpus, ctx.out_dir, ctx.gpus)
+        return RescoreOutput(scores, graph, stats)
+
+    def rescore_rows(self, knn_ids: np.ndarray, feats_of,
+                     device: str) -> tuple[np.ndarray, np.ndarray]:
+        """The owned rows re-sorted by d' = 1 - p: ``(ids, p)``."""
+        from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
+
+        prob = edge_probabilities(self.scorer.get(), knn_ids, feats_of, self.params.batch_size,
+                                  device)
+        return resort_rows(knn_ids, prob)
+
+    def transition_edges(self, node_ids: np.ndarray, knn_ids: np.ndarray,
+                         prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        p = self.params
+        return transition_edges(node_ids, knn_ids, prob, p.density_k, p.density_sigma,
+                                self_loops=p.density == "approximate")
+
+
 @register
-class HardClusters(ClusterMethod):
+class HardClusters(EdgeScorerStage, ClusterMethod):
     """``--model DIR`` is an edge scorer written by ``jobs/train.py --method hard-clusters``;
     tau defaults to the value recorded with the model (the paper's 0.7 unless tuned).
 
@@ -103,59 +158,16 @@ class HardClusters(ClusterMethod):
                   score_params=("model", "batch_size", "density", "density_k",
                                 "density_sigma", "damping", "eps", "max_iter"))
 
-    def compile_shape(self) -> Shape:
-        s = type(self).shape
-        return Shape(score=s.score, link=s.link, uses_model=True, score_params=s.score_params,
-                     halo_bytes=self.params.halo_bytes)
-
     def load(self) -> None:
-        if not self.params.model:
-            raise InputError("--model", "hard-clusters needs a model trained by jobs/train.py "
-                                        "--method hard-clusters")
-        from ltc_ray.models.edge_scorer import EdgeScorer  # torch: only with a model
-        from ltc_ray.models.store import load_edge_scorer
-
-        model, meta = load_edge_scorer(self.params.model, expected_k=self.k,
-                                       storage_options=self.storage_options)
-        self.meta = meta
-        self.scorer_shape = model.shape
-        self.scorer = ShippedNet(model, functools.partial(EdgeScorer, model.shape))
-        tuned = meta.get("thresholds", {})
+        tuned = self.load_scorer(self.name).get("thresholds", {})
         self.tau = float(self.params.tau if self.params.tau is not None
                          else tuned.get("tau", 0.7))
-
-    def check_inputs(self, dim: int, where: str) -> None:
-        if dim != self.scorer_shape.in_dim:
-            raise InputError(self.params.model, f"model was trained for dim "
-                             f"{self.scorer_shape.in_dim}, the features ({where}) have {dim}")
 
     def plan(self, ctx: PlanContext) -> list[PlanStage]:
         """Edge actors and TPDi link actors with their own memory model (:mod:`.plan`)."""
         return plan_stages(self, ctx)
 
-    # -- the rescore stage (edge actors, :mod:`.rescore`)
-    def rescore_graph(self, ctx: RescoreContext) -> RescoreOutput:
-        from ltc_ray.cluster.hard_clusters.rescore import rescore_and_density  # (Ray)
-
-        scores, graph, stats = rescore_and_density(self, ctx.features, ctx.graph, ctx.ranges,
-                                                   ctx.cpus, ctx.out_dir, ctx.gpus)
-        return RescoreOutput(scores, graph, stats)
-
-    def rescore_rows(self, knn_ids: np.ndarray, feats_of,
-                     device: str) -> tuple[np.ndarray, np.ndarray]:
-        """The owned rows re-sorted by d': ``(ids, p)``."""
-        from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
-
-        prob = edge_probabilities(self.scorer.get(), knn_ids, feats_of, self.params.batch_size,
-                                  device)
-        return resort_rows(knn_ids, prob)
-
-    def transition_edges(self, node_ids: np.ndarray, knn_ids: np.ndarray,
-                         prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        p = self.params
-        return transition_edges(node_ids, knn_ids, prob, p.density_k, p.density_sigma,
-                                self_loops=p.density == "approximate")
-
+    # -- the rescore stage: EdgeScorerStage (edge actors, :mod:`.rescore`)
     # -- link (per partition, TPDi over the one-hop halo of re-scored rows)
     def link_halo(self, part: LinkHaloPartition, scores: np.ndarray,
                   context: None = None) -> LinkResult:

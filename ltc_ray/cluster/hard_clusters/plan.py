@@ -95,23 +95,30 @@ def link_actor_memory(n_part: int, halo: int, n: int, k: int, base: int,
     )
 
 
-def plan_stages(method: Any, ctx: PlanContext) -> list[PlanStage]:
-    """The re-scoring stage's edge actors and the TPDi link actors (the scorer's width
-    from the loaded model, else the ``ScorerShape`` defaults)."""
+def edge_actor_stage(method: Any, ctx: PlanContext) -> PlanStage:
+    """The re-scoring stage's edge actors (the scorer's width from the loaded model, else
+    the ``ScorerShape`` defaults); hard-clusters' rate (map-equation runs the same stage)."""
     p = method.params
     shape = getattr(method, "scorer_shape", None)
     scorer = (shape.d_model, shape.heads, shape.ffn) if shape is not None else DEFAULT_SCORER
     n_part, halo = ctx.rows_per_partition, ctx.halo_rows
-    base = ctx.worker_baseline
     score_s, score_how = ctx.timed(SCORE_RATE_KEY)
+    return PlanStage("score (edge scorer + NDDE)", "edge actors, one per partition: edge "
+                     "scorer over the halo's features, NDDE density, a re-sorted graph",
+                     "edge_actor", ctx.partitions,
+                     edge_actor_memory(n_part, halo, ctx.dim, ctx.k, ctx.worker_baseline,
+                                       scorer, p.batch_size, p.density_k, p.halo_bytes),
+                     n_part, score_s, score_how)
+
+
+def plan_stages(method: Any, ctx: PlanContext) -> list[PlanStage]:
+    """The re-scoring stage's edge actors and the TPDi link actors."""
+    p = method.params
+    n_part, halo = ctx.rows_per_partition, ctx.halo_rows
+    base = ctx.worker_baseline
     link_s, link_how = ctx.timed(LINK_RATE_KEY)
     return [
-        PlanStage("score (edge scorer + NDDE)", "edge actors, one per partition: edge "
-                  "scorer over the halo's features, NDDE density, a re-sorted graph",
-                  "edge_actor", ctx.partitions,
-                  edge_actor_memory(n_part, halo, ctx.dim, ctx.k, base, scorer,
-                                    p.batch_size, p.density_k, p.halo_bytes),
-                  n_part, score_s, score_how),
+        edge_actor_stage(method, ctx),
         PlanStage("link (TPDi)", "link actors, one per partition, serving the neighbours' "
                   "re-scored rows", "link_actor", ctx.partitions,
                   link_actor_memory(n_part, halo, ctx.n, ctx.k, base,

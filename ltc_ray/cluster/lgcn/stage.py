@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
+from ltc_ray.cluster.components import stars_to_label
 from ltc_ray.cluster.constrained import constrained_components_ray, pooled_pairs
 from ltc_ray.graph.knn_graph import KnnManifest, block_file, read_knn_rows, save_manifest
 from ltc_ray.io.features import FeatureInfo
@@ -107,13 +108,7 @@ def _directed(graph: KnnManifest, lo: int, hi: int, so: dict | None):
     return src[keep], ids[keep], p[:, 1:][keep]
 
 
-@ray.remote(num_returns=2, max_retries=3)
-def _parents(label: np.ndarray, lo: int, hi: int):
-    node = np.arange(lo, hi, dtype=np.int64)
-    root = label[lo:hi]
-    parent = np.where(root != node, root, -1)
-    link = parent >= 0
-    return parent, (node[link], parent[link])
+_parents = ray.remote(num_returns=2, max_retries=3)(stars_to_label)
 
 
 def label_links(graph: KnnManifest, ranges: list[tuple[int, int]], max_size: int,
