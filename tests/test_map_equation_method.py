@@ -124,7 +124,7 @@ def test_infomap_dry_run_sizes_every_task_at_5m_and_100m(capsys):
         piece = mem["piece_task"]["terms"]
         assert piece["Infomap (graph.map_equation.piece_memory_bytes)"] == piece_memory_bytes(
             1_000_000, 10_000_000)
-        assert mem["piece_task"]["total"] < 4e9
+        assert mem["piece_task"]["total"] < 5e9  # measured 3.0 GB at 584K: tests/README
     assert comp == 4e9 and mem["component_task"]["total"] < 4.5e9  # 100M rows
     code = main(["cluster", "--dry-run", "--rows", "5206761", "--dim", "256", "--resources",
                  '{"CPU": 64}', "--method", "infomap"])
@@ -182,9 +182,10 @@ def test_training_beats_random_weights(me_trained, tmp_path):
     """On the training split, the trained scorer's p separates same-identity kNN edges far
     better than the same architecture at random weights (edge AUC), and through the same
     job it clusters at least as well. In sample, as the split is too small to test
-    generalisation (~40 identities). The clusters barely differ at this size: TPDi, the
+    generalisation (~25 identities). The clusters barely differ at this size: TPDi, the
     overlap of two rows' p-distributions, carries the kNN structure even on random p.
-    Measured: edge AUC 0.874 trained vs 0.533 random, pairwise F 0.8145 vs 0.8147."""
+    Measured: edge AUC 0.778 trained vs 0.382 random, pairwise F 0.818 vs 0.804 (at
+    scale 0.005: AUC 0.874 vs 0.533, F 0.8145 vs 0.8147)."""
     from _quality import random_twin
     from test_hard_clusters import _auc
 
