@@ -436,7 +436,8 @@ def test_train_then_cluster_as_subprocesses(tmp_path):
     common = ["--data-root", str(tmp_path / "data"), "--num-cpus", "2", "--set", "knn.k=20"]
     train = subprocess.run(
         [sys.executable, "jobs/train.py", "--part", "0", *common,  # the default method
-         "--epochs", "1", "--hidden", "32", "--output", str(tmp_path / "model")],
+         "--epochs", "1", "--hidden", "32", "--output", str(tmp_path / "model"),
+         "--tune-folds", "0"],  # the out-of-fold search: the in-process fixture's test
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "hard-clusters edge scorer trained" in train.stdout

@@ -414,7 +414,7 @@ def _read_part(fs, path: str, where: str, rows: int, n_total: int, with_id: bool
         if parquet.metadata.num_rows != rows:
             raise InputError(where, f"has {parquet.metadata.num_rows} rows but _SUCCESS lists "
                              f"{rows}")
-        table = parquet.read(columns=wanted)
+        table = parquet.read(columns=wanted, use_threads=False)  # no pool work left behind
     except (pa.ArrowException, OSError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
