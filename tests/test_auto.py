@@ -410,6 +410,9 @@ def test_attach_step(ray_local, tmp_path):
     )
     cfg = _config(["method=gcn-v", "cluster.attach_singletons=auto"])
     assert r.attach_threshold(get_method("gcn-v", cfg, load=False)) is None
+    # ... unless the method's shape says otherwise: map-equation (learned) attaches
+    derived = r.derived["cluster.attach_threshold"]["value"]
+    assert r.attach_threshold(get_method("map-equation", cfg, load=False)) == derived
     r.config.cluster.attach_singletons = "on"
     r.config.cluster.attach_threshold = 0.5
     assert r.attach_threshold(get_method("gcn-v", cfg, load=False)) == 0.5

@@ -236,7 +236,7 @@ def test_partitions_equal_the_in_process_definition_and_a_new_cut_relinks(me_tra
 
     root, model = me_trained
     sets = ["cluster.partitions=3", "methods.map-equation.chunk_rows=300",
-            "methods.map-equation.max_piece_nodes=200"]
+            "methods.map-equation.max_piece_nodes=200", "cluster.attach_singletons=off"]
     run, cid, work = _cluster(root, model, tmp_path, "a", *sets)
     link = run["stages"]["link"]
     assert link["halo_rows"] > 0 and link["pieces"] > 1 and link["kept_edges"] > 0

@@ -98,6 +98,9 @@ class Shape:
     score_params: tuple[str, ...] | None = None
     uses_model: bool = False  # params.model names a model directory (its hash is a key)
     tunable: Tunable | None = None
+    # ``cluster.attach_singletons: auto``: None = on for label-free methods, off for learned
+    # ones; a method whose domain-shift results say otherwise sets it (map-equation: on)
+    attach_singletons: bool | None = None
 
 
 @dataclass

@@ -354,11 +354,14 @@ class Run:
 
     def attach_threshold(self, method: ClusterMethod) -> float | None:
         """The singleton-attach step's cut for ``method`` (None: the step is off):
-        ``cluster.attach_singletons`` auto = on for label-free methods, off for learned
-        ones; an ``auto`` threshold is derived like a method's (recorded the same way)."""
+        ``cluster.attach_singletons`` auto = the method's shape (``attach_singletons``), by
+        default on for label-free methods and off for learned ones; an ``auto`` threshold
+        is derived like a method's (recorded the same way)."""
         cfg = self.config.cluster
-        on = cfg.attach_singletons == "on" or (
-            cfg.attach_singletons == "auto" and not method.shape.uses_model)
+        shape = method.shape
+        default = (shape.attach_singletons if shape.attach_singletons is not None
+                   else not shape.uses_model)
+        on = cfg.attach_singletons == "on" or (cfg.attach_singletons == "auto" and default)
         if not on:
             return None
         if cfg.attach_threshold != AUTO:

@@ -7,6 +7,7 @@ distance, linking), its own re-scoring stage on Ray actors (:mod:`.rescore`), it
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -93,9 +94,7 @@ class EdgeScorerStage:
     ``batch_size``, ``halo_bytes`` and the NDDE fields."""
 
     def compile_shape(self) -> Shape:
-        s = type(self).shape
-        return Shape(score=s.score, link=s.link, uses_model=True, score_params=s.score_params,
-                     halo_bytes=self.params.halo_bytes)
+        return dataclasses.replace(type(self).shape, halo_bytes=self.params.halo_bytes)
 
     def load_scorer(self, kind: str) -> dict:
         """Read the edge scorer (refused unless written for ``kind``); returns model.json."""
