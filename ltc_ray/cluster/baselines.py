@@ -149,9 +149,7 @@ class InfomapMethod(ClusterMethod):
         """The seed, trials and piece budgets (a ``MapEquationBudget``)."""
         from ltc_ray.cluster.map_equation_stage import MapEquationBudget  # (Ray)
 
-        p = self.params
-        return MapEquationBudget(int(self.seed), int(p.trials), int(p.max_piece_edges),
-                                 int(p.max_piece_nodes), int(p.split_passes))
+        return MapEquationBudget.of(self.params, self.seed)
 
     def stage_links(self, ctx: LinkStageContext) -> LinkStageOutput:
         from ltc_ray.cluster.map_equation_stage import cosine_edges, map_equation_stage

@@ -82,6 +82,13 @@ class MapEquationBudget:
     max_piece_nodes: int = DEFAULT_MAX_PIECE_NODES
     split_passes: int = 3
 
+    @classmethod
+    def of(cls, params, seed: int) -> MapEquationBudget:
+        """From a method's params (``trials``, ``max_piece_edges``, ``max_piece_nodes``,
+        ``split_passes``) and ``Config.seed``."""
+        return cls(int(seed), int(params.trials), int(params.max_piece_edges),
+                   int(params.max_piece_nodes), int(params.split_passes))
+
 
 def stage_memory(n: int, kept_edges: int, partitions: int, budget: MapEquationBudget,
                  largest_component_edges: int | None = None) -> dict[str, dict[str, int]]:

@@ -61,13 +61,53 @@ def _tpdi_edges(ids: np.ndarray, prob: np.ndarray, params):
     return edges_at
 
 
+class TpdiRule:
+    """What a method built on the edge scorer tunes out of fold and applies to re-scored
+    rows (hard-clusters: the TPDi threshold of density-peak linking). map-equation
+    subclasses it with its keep rule; :func:`train_edge_model` trains either."""
+
+    method = "hard-clusters"
+
+    def __init__(self, params, seed: int = 0):
+        self.params = params
+        self.seed = seed
+
+    def given(self) -> dict | None:
+        """The thresholds the params pin (no search), else None."""
+        return None if self.params.tau is None else {"tau": float(self.params.tau)}
+
+    def default(self) -> dict:
+        """The thresholds without a search (``tune_folds`` 0): the paper's 0.7."""
+        return {"tau": 0.7}
+
+    def tune(self, labels: np.ndarray, ids: np.ndarray, prob: np.ndarray
+             ) -> tuple[dict, np.ndarray, dict]:
+        """``(thresholds, cluster labels at them, crossfit entries)`` on out-of-fold rows."""
+        edges_at = _tpdi_edges(ids, prob, self.params)
+        tau, scores = tune_threshold(labels, edges_at, (0.10, 0.95, 0.01))
+        cid, _, _ = merge_edges(len(ids), [edges_at(tau)])
+        return {"tau": tau}, cid, {"tau_search": {f"{t:.2f}": round(f, 5)
+                                                  for t, f in sorted(scores.items())}}
+
+    def labels_at(self, ids: np.ndarray, prob: np.ndarray, thresholds: dict) -> np.ndarray:
+        """Cluster labels of re-scored rows at ``thresholds``."""
+        cid, _, _ = merge_edges(len(ids), [_tpdi_edges(ids, prob, self.params)(
+            thresholds["tau"])])
+        return cid
+
+    def model_meta(self, thresholds: dict, k: int) -> dict:
+        """What model.json carries beyond the scorer (``k``: the graph's neighbours)."""
+        return {"thresholds": thresholds, "density": self.params.density}
+
+
 @ray.remote
-def _train_hard_clusters(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, output: str,
-                         cfg, params, threads: int) -> dict:
-    """Train the edge scorer on the whole split in one worker. The TPDi threshold is tuned
-    by pairwise F on OUT-OF-FOLD scores (:func:`~ltc_ray.models.crossfit.out_of_fold_edges`,
-    ``cfg.tune_folds`` identity folds), never in-sample: an in-sample scorer is
-    over-confident on its own identities. ``tune_folds`` 0 keeps the paper's 0.7."""
+def train_edge_model(info: FeatureInfo, manifest: KnnManifest, labels_uri: str, output: str,
+                     cfg, rule: TpdiRule, threads: int) -> dict:
+    """Train the edge scorer on the whole split in one worker and write it with ``rule``'s
+    thresholds. They are tuned on OUT-OF-FOLD scores
+    (:func:`~ltc_ray.models.crossfit.out_of_fold_edges`, ``cfg.tune_folds`` identity
+    folds), never in-sample: an in-sample scorer is over-confident on its own identities.
+    ``tune_folds`` 0 keeps ``rule.default()``; params that pin them skip the search."""
     import torch
 
     from ltc_ray.models.crossfit import out_of_fold_edges
@@ -80,31 +120,28 @@ def _train_hard_clusters(info: FeatureInfo, manifest: KnnManifest, labels_uri: s
     x, knn_ids, _, labels = load_split(info, manifest, labels_uri)
     n = len(labels)
     meta: dict = {}
-    tau = 0.7 if params.tau is None else float(params.tau)
-    if cfg.tune_folds and params.tau is None:
+    thresholds = rule.given() or rule.default()
+    if cfg.tune_folds and rule.given() is None:
+        batch = rule.params.batch_size
         order, oof_ids, oof_prob = out_of_fold_edges(x, labels, cfg, manifest.k, cfg.tune_folds,
-                                                     params.batch_size)
+                                                     batch)
+        t_tune = time.perf_counter()
         oof_labels = labels[order]
-        edges_at = _tpdi_edges(oof_ids, oof_prob, params)
-        tau, scores = tune_threshold(oof_labels, edges_at, (0.10, 0.95, 0.01))
-        cid, _, _ = merge_edges(n, [edges_at(tau)])
+        thresholds, cid, entries = rule.tune(oof_labels, oof_ids, oof_prob)
         meta["crossfit"] = {"folds": int(cfg.tune_folds), "k": int(oof_ids.shape[1]),
                             "seconds": round(time.perf_counter() - t0, 3),
-                            "metrics": evaluate(oof_labels, cid),
-                            "tau_search": {f"{t:.2f}": round(f, 5)
-                                           for t, f in sorted(scores.items())}}
+                            "search_seconds": round(time.perf_counter() - t_tune, 3),
+                            "metrics": evaluate(oof_labels, cid), **entries}
         del oof_ids, oof_prob
     t1 = time.perf_counter()
     model, history = train_edge_scorer(x, knn_ids, labels, cfg)
     train_seconds = time.perf_counter() - t1
-    prob = edge_probabilities(model, knn_ids, x.__getitem__, params.batch_size)
+    prob = edge_probabilities(model, knn_ids, x.__getitem__, rule.params.batch_size)
     del x
     ids, prob = resort_rows(knn_ids, prob)
-    cid, _, _ = merge_edges(n, [_tpdi_edges(ids, prob, params)(tau)])
     meta.update({
-        "thresholds": {"tau": tau},
-        "density": params.density,
-        "train_metrics": evaluate(labels, cid),  # in-sample, at the tuned tau
+        **rule.model_meta(thresholds, knn_ids.shape[1]),
+        "train_metrics": evaluate(labels, rule.labels_at(ids, prob, thresholds)),  # in-sample
         "train_config": asdict(cfg),
         "fingerprint": data_fingerprint(info.uri, n, info.dim, labels),
         "history": history,
@@ -112,7 +149,7 @@ def _train_hard_clusters(info: FeatureInfo, manifest: KnnManifest, labels_uri: s
         "total_seconds": round(time.perf_counter() - t0, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     })
-    save_edge_scorer(output, model, meta, info.storage_options)
+    save_edge_scorer(output, model, meta, info.storage_options, method=rule.method)
     return meta
 
 
@@ -120,9 +157,9 @@ def train(ctx: TrainContext) -> dict:
     """``jobs/train.py --method hard-clusters``."""
     info = ctx.info
     with ctx.stages.stage("train", rows=info.n_rows):
-        meta = ray_get(_train_hard_clusters.options(num_cpus=ctx.cpus).remote(
-            info, ctx.graph, ctx.labels, ctx.output, ctx.train_config,
-            ctx.config.methods.of("hard-clusters"), ctx.cpus))
+        rule = TpdiRule(ctx.config.methods.of("hard-clusters"), int(ctx.config.seed))
+        meta = ray_get(train_edge_model.options(num_cpus=ctx.cpus).remote(
+            info, ctx.graph, ctx.labels, ctx.output, ctx.train_config, rule, ctx.cpus))
     log.info("trained hard-clusters: tau=%.2f, train pairwise F %.4f -> %s",
              meta["thresholds"]["tau"], meta["train_metrics"]["pairwise_f"], ctx.output)
     return meta

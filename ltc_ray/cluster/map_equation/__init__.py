@@ -140,9 +140,7 @@ class MapEquationMethod(EdgeScorerStage, ClusterMethod):
         """The seed, trials and piece budgets (a ``MapEquationBudget``)."""
         from ltc_ray.cluster.map_equation_stage import MapEquationBudget  # (Ray)
 
-        p = self.params
-        return MapEquationBudget(int(self.seed), int(p.trials), int(p.max_piece_edges),
-                                 int(p.max_piece_nodes), int(p.split_passes))
+        return MapEquationBudget.of(self.params, self.seed)
 
     def plan(self, ctx: PlanContext) -> list[PlanStage]:
         return plan_stages(self, ctx)

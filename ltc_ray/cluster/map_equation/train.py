@@ -5,21 +5,18 @@ the map equation itself, the model directory written."""
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import asdict
 
 import numpy as np
-import ray
 
 from ltc_ray.cluster.hard_clusters.algorithm import tpdi
-from ltc_ray.cluster.hard_clusters.train import train_config
+from ltc_ray.cluster.hard_clusters.train import TpdiRule, train_config, train_edge_model
 from ltc_ray.cluster.map_equation import kept_edges
-from ltc_ray.cluster.training import TrainContext, load_split
+from ltc_ray.cluster.training import TrainContext
 from ltc_ray.graph.map_equation import map_equation_labels
-from ltc_ray.metrics import evaluate, pairwise_prf
-from ltc_ray.runtime import peak_rss_bytes, ray_get
+from ltc_ray.metrics import pairwise_prf
+from ltc_ray.runtime import ray_get
 
-__all__ = ["summary", "train", "train_config", "tune_keep_rule"]
+__all__ = ["KeepRule", "summary", "train", "train_config", "tune_keep_rule"]
 
 log = logging.getLogger("ltc_ray")
 
@@ -68,72 +65,51 @@ def tune_keep_rule(labels: np.ndarray, ids: np.ndarray, dist: np.ndarray, seed: 
     return tau, top, {f"{c:.2f}/{t}": round(f, 5) for (c, t), f in sorted(scores.items())}
 
 
-@ray.remote
-def _train_map_equation(info, manifest, labels_uri: str, output: str, cfg, params,
-                        seed: int, threads: int) -> dict:
-    """Train the edge scorer on the whole split in one worker; the keep rule is tuned on
-    OUT-OF-FOLD scores (``cfg.tune_folds`` identity folds, each scored by a scorer trained
-    on the others), never in-sample, where the scorer is over-confident on its own
-    identities. ``tune_folds`` 0 keeps the paper's TPDi < 0.7 without a cap."""
-    import torch
+class KeepRule(TpdiRule):
+    """map-equation's keep rule (``tau`` on TPDi, ``max_neighbours``; None = no cap) tuned
+    with the map equation itself (:func:`tune_keep_rule`)."""
 
-    from ltc_ray.models.crossfit import out_of_fold_edges
-    from ltc_ray.models.edge_scorer import edge_probabilities, resort_rows
-    from ltc_ray.models.store import METHOD_ME, data_fingerprint, save_edge_scorer
-    from ltc_ray.models.train_hc import train_edge_scorer
+    method = "map-equation"
 
-    torch.set_num_threads(max(1, threads))
-    t0 = time.perf_counter()
-    x, knn_ids, _, labels = load_split(info, manifest, labels_uri)
-    n = len(labels)
-    k1 = knn_ids.shape[1] - 1
-    meta: dict = {}
-    tau = 0.7 if params.tau is None else float(params.tau)
-    top = k1 if params.max_neighbours is None else min(int(params.max_neighbours), k1)
-    sigma = params.tpdi_sigma
-    if cfg.tune_folds and params.tau is None and params.max_neighbours is None:
-        order, oof_ids, oof_prob = out_of_fold_edges(x, labels, cfg, manifest.k, cfg.tune_folds,
-                                                     params.batch_size)
-        t_tune = time.perf_counter()
-        oof_labels = labels[order]
-        oof_dist = tpdi(oof_ids, oof_prob, lambda q: (oof_ids[q], oof_prob[q]), sigma)
-        tau, top, search = tune_keep_rule(oof_labels, oof_ids, oof_dist, seed, params.trials)
-        top = min(top, k1) if top < oof_ids.shape[1] - 1 else k1  # uncapped stays uncapped
-        got = _labels_at(oof_ids, oof_dist, tau, top, seed, params.trials)
-        meta["crossfit"] = {"folds": int(cfg.tune_folds), "k": int(oof_ids.shape[1]),
-                            "seconds": round(time.perf_counter() - t0, 3),
-                            "search_seconds": round(time.perf_counter() - t_tune, 3),
-                            "metrics": evaluate(oof_labels, got), "search": search}
-        del oof_ids, oof_prob, oof_dist
-    t1 = time.perf_counter()
-    model, history = train_edge_scorer(x, knn_ids, labels, cfg)
-    train_seconds = time.perf_counter() - t1
-    prob = edge_probabilities(model, knn_ids, x.__getitem__, params.batch_size)
-    del x
-    ids, prob = resort_rows(knn_ids, prob)
-    dist = tpdi(ids, prob, lambda q: (ids[q], prob[q]), sigma)
-    got = _labels_at(ids, dist, tau, top, seed, params.trials)
-    meta.update({
-        "thresholds": {"tau": tau, "max_neighbours": top},
-        "train_metrics": evaluate(labels, got),  # in-sample, at the tuned rule
-        "train_config": asdict(cfg),
-        "fingerprint": data_fingerprint(info.uri, n, info.dim, labels),
-        "history": history,
-        "train_seconds": round(train_seconds, 3),
-        "total_seconds": round(time.perf_counter() - t0, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-    })
-    save_edge_scorer(output, model, meta, info.storage_options, method=METHOD_ME)
-    return meta
+    def given(self) -> dict | None:
+        p = self.params
+        if p.tau is None and p.max_neighbours is None:
+            return None
+        return {"tau": 0.7 if p.tau is None else float(p.tau),
+                "max_neighbours": p.max_neighbours}
+
+    def default(self) -> dict:
+        return {"tau": 0.7, "max_neighbours": None}
+
+    def _distances(self, ids: np.ndarray, prob: np.ndarray) -> np.ndarray:
+        return tpdi(ids, prob, lambda q: (ids[q], prob[q]), self.params.tpdi_sigma)
+
+    def tune(self, labels: np.ndarray, ids: np.ndarray, prob: np.ndarray
+             ) -> tuple[dict, np.ndarray, dict]:
+        dist = self._distances(ids, prob)
+        tau, top, search = tune_keep_rule(labels, ids, dist, self.seed, self.params.trials)
+        top = None if top >= ids.shape[1] - 1 else top  # uncapped stays uncapped
+        got = _labels_at(ids, dist, tau, top or ids.shape[1], self.seed, self.params.trials)
+        return {"tau": tau, "max_neighbours": top}, got, {"search": search}
+
+    def labels_at(self, ids: np.ndarray, prob: np.ndarray, thresholds: dict) -> np.ndarray:
+        top = thresholds["max_neighbours"] or ids.shape[1]
+        return _labels_at(ids, self._distances(ids, prob), thresholds["tau"], top, self.seed,
+                          self.params.trials)
+
+    def model_meta(self, thresholds: dict, k: int) -> dict:
+        top = thresholds["max_neighbours"]
+        return {"thresholds": {"tau": thresholds["tau"],
+                               "max_neighbours": k - 1 if top is None else min(top, k - 1)}}
 
 
 def train(ctx: TrainContext) -> dict:
     """``jobs/train.py --method map-equation``."""
     info = ctx.info
     with ctx.stages.stage("train", rows=info.n_rows):
-        meta = ray_get(_train_map_equation.options(num_cpus=ctx.cpus).remote(
-            info, ctx.graph, ctx.labels, ctx.output, ctx.train_config,
-            ctx.config.methods.of("map-equation"), int(ctx.config.seed), ctx.cpus))
+        rule = KeepRule(ctx.config.methods.of("map-equation"), int(ctx.config.seed))
+        meta = ray_get(train_edge_model.options(num_cpus=ctx.cpus).remote(
+            info, ctx.graph, ctx.labels, ctx.output, ctx.train_config, rule, ctx.cpus))
     t = meta["thresholds"]
     log.info("trained map-equation: tau=%.2f, max_neighbours=%d, train pairwise F %.4f -> %s",
              t["tau"], t["max_neighbours"], meta["train_metrics"]["pairwise_f"], ctx.output)
